@@ -1,0 +1,166 @@
+"""Vision Transformer pieces shared by MAE, CL-MAE and CBM: the one ViT of the project.
+
+Layouts follow timm 0.3.2 (used by facebookresearch/mae and the CL-MAE code): one fused `qkv`
+projection, pre-norm blocks, exact-erf GELU, xavier-uniform linear weights, zero biases, fixed 2-D
+sin-cos position embeddings with a zero embedding for the CLS token.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+# Encoder sizes: width, depth, heads (ViT paper, Table 1; tiny from DeiT).
+VIT_SIZES = {
+    "tiny": dict(width=192, depth=12, num_heads=3),
+    "small": dict(width=384, depth=12, num_heads=6),
+    "base": dict(width=768, depth=12, num_heads=12),
+    "large": dict(width=1024, depth=24, num_heads=16),
+    "huge": dict(width=1280, depth=32, num_heads=16),
+}
+
+dense_init = nn.initializers.xavier_uniform()
+# MAE initialises the patch projection as a flattened linear layer: fan-in over (p, p, C).
+patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1)
+
+
+def vit_size(name: str) -> dict:
+    """Width, depth and heads of a named ViT size (tiny/small/base/large/huge)."""
+    if name not in VIT_SIZES:
+        raise ValueError(f"Unknown ViT size {name!r}; choose one of {sorted(VIT_SIZES)}.")
+    return VIT_SIZES[name]
+
+
+def sincos_1d(width: int, positions: np.ndarray) -> np.ndarray:
+    """1-D sin-cos embedding of `positions`: half sines, half cosines, MAE's frequencies."""
+    omega = 1.0 / 10000 ** (np.arange(width // 2, dtype=np.float64) / (width / 2.0))
+    angles = np.einsum("p,f->pf", positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(width: int, grid_size: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding [grid_size**2, width], row-major, as in MAE."""
+    if width % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {width}.")
+    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+    # MAE embeds the column (w) coordinate in the first half and the row (h) in the second.
+    emb = np.concatenate([sincos_1d(width // 2, cols), sincos_1d(width // 2, rows)], axis=1)
+    return emb.astype(np.float32)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches projected to `width` channels: [B,H,W,C] -> [B,L,width]."""
+
+    patch_size: int
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        p = self.patch_size
+        if images.shape[1] % p or images.shape[2] % p:
+            raise ValueError(
+                f"Image size {images.shape[1]}x{images.shape[2]} is not divisible by patch size {p}; "
+                "change config.input.image_size or config.model.patch_size.")
+        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", kernel_init=patch_init,
+                    dtype=self.dtype, name="proj")(images)
+        return x.reshape(x.shape[0], -1, self.width)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (timm layout)."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        batch, length, width = x.shape
+        head_dim = width // self.num_heads
+        qkv = nn.Dense(3 * width, kernel_init=dense_init, dtype=self.dtype, name="qkv")(x)
+        q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.num_heads, head_dim), 2, 0)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(self.dtype)
+        weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
+        return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="proj")(out)
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with exact GELU, as torch.nn.GELU."""
+
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
+        x = nn.gelu(x, approximate=False)
+        return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        norm = lambda name: nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name=name)
+        x = x + Attention(self.num_heads, dtype=self.dtype, name="attn")(norm("norm1")(x))
+        hidden = int(x.shape[-1] * self.mlp_ratio)
+        return x + Mlp(hidden, dtype=self.dtype, name="mlp")(norm("norm2")(x))
+
+
+class Transformer(nn.Module):
+    """A stack of `depth` pre-norm blocks followed by a final LayerNorm."""
+
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.depth):
+            x = Block(self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, name=f"block{i}")(x)
+        return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x)
+
+
+class ClsToken(nn.Module):
+    """Prepends a learnable CLS token (N(0, 0.02) init, zero position embedding)."""
+
+    @nn.compact
+    def __call__(self, x):
+        cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, x.shape[-1]))
+        cls = jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+        return jnp.concatenate([cls, x], axis=1)
+
+
+class ViTClassifier(nn.Module):
+    """ViT for supervised classification: patches + sin-cos positions, CLS, blocks, linear head."""
+
+    num_classes: int
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    pool: str = "cls"  # "cls" or "gap" (mean of patch tokens)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        del train  # No dropout or batch statistics in this ViT.
+        x = PatchEmbed(self.patch_size, self.width, self.dtype, name="patch_embed")(images)
+        grid = int(round(x.shape[1] ** 0.5))
+        x = x + jnp.asarray(sincos_2d(self.width, grid), self.dtype)[None]
+        x = ClsToken(name="cls_token")(x)
+        x = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype, name="encoder")(x)
+        features = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(axis=1)
+        head_init = nn.initializers.truncated_normal(0.02)
+        return nn.Dense(self.num_classes, kernel_init=head_init, dtype=jnp.float32, name="head")(features)
