@@ -12,6 +12,7 @@ import numpy as np
 
 # Encoder sizes: width, depth, heads (ViT paper, Table 1; tiny from DeiT).
 VIT_SIZES = {
+    "mini": dict(width=128, depth=4, num_heads=4),  # For CPU quickstarts and tests, not a published size.
     "tiny": dict(width=192, depth=12, num_heads=3),
     "small": dict(width=384, depth=12, num_heads=6),
     "base": dict(width=768, depth=12, num_heads=12),

@@ -1,0 +1,223 @@
+"""Input pipelines: tfds / Fashion-MNIST IDX / image-folder sources -> per-process tf.data -> numpy batches.
+
+Every source yields {"image": uint8 [H,W,C] or encoded bytes, "label": int} for this process's contiguous shard.
+Training streams are a pure function of (seed, step): epoch e is the shard shuffled with seed (seed, e), and the
+augmentation of the i-th example of epoch e is seeded by (seed, e, i). Resuming at step s therefore starts at epoch
+s*b // n and skips s*b % n undecoded records, and continues the exact sequence of an uninterrupted run.
+"""
+import dataclasses
+import gzip
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A process-local, unshuffled dataset of raw examples and the size of the whole split."""
+
+    dataset: tf.data.Dataset
+    num_examples: int  # Global, over all processes.
+    num_classes: int
+    encoded: bool  # True when "image" holds encoded bytes (decoded after shuffling/skipping, so skips are cheap).
+
+
+def _process_range(num_examples: int) -> tuple[int, int]:
+    """This process's contiguous [start, stop) slice of a split, as tfds.even_splits cuts it."""
+    bounds = np.linspace(0, num_examples, jax.process_count() + 1).round().astype(int)
+    return bounds[jax.process_index()], bounds[jax.process_index() + 1]
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """Reads a (gzipped) IDX file of unsigned bytes, the MNIST file format."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file; reinstall dataset-fashion-mnist.")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist_idx(split: str, data_dir: str | None) -> Source:
+    """Fashion-MNIST from its original IDX files (Debian's dataset-fashion-mnist package), no download."""
+    data_dir = data_dir or FASHION_MNIST_DIR
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}; fix config.input splits.")
+    paths = [os.path.join(data_dir, f"{prefix}-{kind}-idx{n}-ubyte") for kind, n in (("images", 3), ("labels", 1))]
+    paths = [p if os.path.exists(p) else p + ".gz" for p in paths]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST IDX file {missing[0]} not found; install it with `apt-get install dataset-fashion-mnist` "
+            f"or point config.input.data_dir at a folder with the IDX files.")
+    images, labels = _read_idx(paths[0]), _read_idx(paths[1])
+    start, stop = _process_range(len(labels))
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {"image": images[start:stop, :, :, None], "label": labels[start:stop].astype(np.int32)})
+    return Source(dataset, len(labels), 10, encoded=False)
+
+
+def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
+    """A prepared tfds dataset by name; images stay encoded until after shuffling."""
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"Unknown tfds dataset {name!r}; fix config.input.name.") from e
+    if not tf.io.gfile.exists(builder.data_dir):
+        raise FileNotFoundError(
+            f"tfds dataset {name!r} is not prepared in {builder.data_dir}; run `tfds build {name} "
+            f"--data_dir=DIR` (ImageNet needs its manual download) and set config.input.data_dir=DIR.")
+    if split not in builder.info.splits:
+        raise ValueError(f"tfds dataset {name!r} has splits {list(builder.info.splits)}, not {split!r}.")
+    num_examples = builder.info.splits[split].num_examples
+    start, stop = _process_range(num_examples)
+    dataset = builder.as_dataset(split=f"{split}[{start}:{stop}]", decoders={"image": tfds.decode.SkipDecoding()})
+    dataset = dataset.map(lambda ex: {"image": ex["image"], "label": tf.cast(ex["label"], tf.int32)})
+    return Source(dataset, num_examples, builder.info.features["label"].num_classes, encoded=True)
+
+
+def image_folder(split: str, data_dir: str) -> Source:
+    """`data_dir/split/<class>/<image>` folders (Tiny ImageNet, transfer sets); classes sorted by name."""
+    root = os.path.join(data_dir or "", split)
+    if not tf.io.gfile.isdir(root):
+        raise FileNotFoundError(f"Image folder {root} not found; set config.input.data_dir to a folder holding "
+                                f"{split}/<class>/<image> files.")
+    classes = sorted(d for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(os.path.join(root, d)))
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for f in sorted(tf.io.gfile.listdir(os.path.join(root, name))):
+            if f.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(os.path.join(root, name.rstrip("/"), f))
+                labels.append(label)
+    if not files:
+        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/.")
+    start, stop = _process_range(len(files))
+    dataset = tf.data.Dataset.from_tensor_slices((files[start:stop], np.asarray(labels[start:stop], np.int32)))
+    dataset = dataset.map(lambda f, y: {"image": tf.io.read_file(f), "label": y})
+    return Source(dataset, len(files), len(classes), encoded=True)
+
+
+def load_source(config, split: str) -> Source:
+    """The source named by config.input.source for `split`."""
+    kind = config.source
+    if kind == "fashion_mnist_idx":
+        return fashion_mnist_idx(split, config.data_dir)
+    if kind == "tfds":
+        return tfds_source(config.name, split, config.data_dir)
+    if kind == "image_folder":
+        return image_folder(split, config.data_dir)
+    raise ValueError(f"Unknown config.input.source {kind!r}; use 'tfds', 'fashion_mnist_idx' or 'image_folder'.")
+
+
+def _decode(image, encoded: bool, channels: int):
+    """uint8 [H,W,channels] from encoded bytes or a raw array (grey images are repeated to RGB when asked)."""
+    if encoded:
+        image = tf.io.decode_image(image, channels=channels, expand_animations=False)
+    elif image.shape[-1] != channels:
+        image = tf.image.grayscale_to_rgb(image) if channels == 3 else tf.image.rgb_to_grayscale(image)
+    return image
+
+
+def _resize(image, size: int):
+    """Bicubic resize to size x size, back to uint8 (torchvision's PIL resize, in tf)."""
+    image = tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bicubic")
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def random_resized_crop(image, seed, size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision RandomResizedCrop: a random area/aspect crop resized (bicubic) to size x size."""
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=ratio, area_range=scale, max_attempts=10, use_image_if_no_bounding_boxes=True)
+    return _resize(tf.slice(image, begin, crop_size), size)
+
+
+def pad_crop(image, seed, size: int, padding: int = 4):
+    """CIFAR-style augmentation: resize, zero-pad by `padding`, random size x size crop."""
+    image = tf.pad(_resize(image, size), [[padding, padding], [padding, padding], [0, 0]])
+    return tf.image.stateless_random_crop(image, (size, size, image.shape[-1]), seed=seed)
+
+
+def center_crop(image, size: int, crop_ratio: float):
+    """Eval transform: resize the shorter side to size/crop_ratio, take the central size x size."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = size / crop_ratio / tf.reduce_min(shape)
+    new_shape = tf.cast(tf.round(shape * scale), tf.int32)
+    image = tf.image.resize(tf.cast(image, tf.float32), new_shape, method="bicubic")
+    top, left = (new_shape[0] - size) // 2, (new_shape[1] - size) // 2
+    image = image[top:top + size, left:left + size]
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def preprocess_train(example, seed, config, encoded: bool):
+    """Decode and augment one training example with stateless randomness from `seed` (shape [2])."""
+    image = _decode(example["image"], encoded, config.channels)
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    augment = config.augment
+    if augment == "mae":
+        image = random_resized_crop(image, crop_seed, config.image_size, tuple(config.crop_scale))
+    elif augment == "crop_flip":
+        image = pad_crop(image, crop_seed, config.image_size)
+    elif augment == "none":
+        image = _resize(image, config.image_size)
+    else:
+        raise ValueError(f"Unknown config.input.augment {augment!r}; use 'mae', 'crop_flip' or 'none'.")
+    if augment != "none":
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    image.set_shape((config.image_size, config.image_size, config.channels))
+    return {"image": image, "label": example["label"]}
+
+
+def train_iterator(config, source: Source, batch_size: int, seed: int, start_step: int = 0):
+    """Infinite iterator of process-local training batches of `source`, positioned at `start_step`."""
+    local_examples = int(source.dataset.cardinality())  # Known for every source: each is a slice of a split.
+    if local_examples < batch_size:
+        raise ValueError(f"This process's shard has {local_examples} training examples, fewer than its batch "
+                         f"of {batch_size}; lower config.batch_size.")
+    first = start_step * batch_size
+    start_epoch, offset = divmod(first, local_examples)
+
+    def epoch(e):
+        shuffled = source.dataset.shuffle(config.shuffle_buffer, seed=seed * 1_000_003 + e)
+        return shuffled.enumerate().map(lambda i, ex: (tf.stack([seed * 1_000_003 + e, i]), ex))
+
+    ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(offset)
+    ds = ds.map(lambda s, ex: preprocess_train(ex, s, config, source.encoded), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def eval_iterator(config, source: Source, batch_size: int):
+    """Process-local eval batches over the whole split, padded so every process runs the same number of batches.
+
+    Padding examples carry mask == 0. Returns (iterator, num_batches).
+    """
+    per_process = -(-source.num_examples // jax.process_count())
+    num_batches = -(-per_process // batch_size)
+
+    def prepare(ex):
+        image = center_crop(_decode(ex["image"], source.encoded, config.channels), config.image_size,
+                            config.eval_crop_ratio)
+        image.set_shape((config.image_size, config.image_size, config.channels))
+        return {"image": image, "label": ex["label"], "mask": tf.constant(1, tf.int32)}
+
+    ds = source.dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    pad = {"image": tf.zeros((config.image_size, config.image_size, config.channels), tf.uint8),
+           "label": tf.constant(0, tf.int32), "mask": tf.constant(0, tf.int32)}
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(num_batches * batch_size)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator(), num_batches
+
+
+def normalize(images, mean, std):
+    """uint8 pixels -> (x/255 - mean) / std, on device, in float32."""
+    return (images.astype("float32") / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

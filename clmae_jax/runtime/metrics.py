@@ -1,0 +1,46 @@
+"""Metric writers (TensorBoard + console), progress with steps/s and ETA, and image summaries as PNG files."""
+import os
+
+import jax
+import numpy as np
+from clu import metric_writers, periodic_actions
+from PIL import Image
+
+
+def create_writer(workdir: str):
+    """TensorBoard + log writer on process 0; the others only log."""
+    return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+
+
+def progress(total_steps: int, writer, every_steps: int):
+    """clu ReportProgress: logs steps/s, percentage and ETA, and writes steps_per_sec to the writer."""
+    return periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer, every_steps=every_steps)
+
+
+def to_host(tree) -> dict:
+    """Scalars of a (possibly sharded, replicated) pytree as python floats."""
+    return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def image_grid(columns: list, pad: int = 2) -> np.ndarray:
+    """Tiles equally shaped [N,H,W,C] float images in [0,1]: one row per sample, one column per list entry."""
+    columns = [np.clip(np.asarray(c, np.float32), 0, 1) for c in columns]
+    n, h, w, c = columns[0].shape
+    grid = np.ones((n * (h + pad) + pad, len(columns) * (w + pad) + pad, c), np.float32)
+    for j, col in enumerate(columns):
+        for i in range(n):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            grid[top:top + h, left:left + w] = col[i]
+    return grid
+
+
+def write_images(writer, workdir: str, step: int, grids: dict):
+    """Writes each named grid to TensorBoard and to workdir/images/<name>_<step>.png."""
+    if jax.process_index() > 0:
+        return
+    writer.write_images(step, {k: v[None] for k, v in grids.items()})
+    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+    for name, grid in grids.items():
+        pixels = (grid * 255).round().astype(np.uint8)
+        pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+        Image.fromarray(pixels).save(os.path.join(workdir, "images", f"{name}_{step:07d}.png"))

@@ -1,0 +1,45 @@
+"""Optimizer recipes: AdamW + warm-up cosine (MAE, CL-MAE), SGD with step decay (CBM CNNs), Adamax (CBM CvT)."""
+import jax
+import optax
+
+
+def decay_mask(params):
+    """Weight decay on matrices and kernels only; biases and norm scales (1-D) are exempt, as timm's add_weight_decay."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def learning_rate(config, global_batch_size: int) -> float:
+    """Absolute lr: config.lr when set, else the MAE rule blr * global_batch / 256."""
+    return config.lr if config.get("lr") else config.base_lr * global_batch_size / 256
+
+
+def schedule(config, peak_lr: float, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Per-step learning rate: 'cosine' (linear warm-up, half-cycle cosine to min_lr), 'step' or 'constant'."""
+    if config.schedule == "cosine":
+        warmup = int(config.warmup_epochs * steps_per_epoch)
+        return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total_steps, warmup + 1),
+                                                  config.get("min_lr", 0.0))
+    if config.schedule == "step":
+        # Epochs are 1-based in the reference code: "decay at epoch 32" means from the 32nd epoch on.
+        boundaries = {int((e - 1) * steps_per_epoch): config.decay_factor for e in config.decay_epochs}
+        return optax.piecewise_constant_schedule(peak_lr, boundaries)
+    if config.schedule == "constant":
+        return optax.constant_schedule(peak_lr)
+    raise ValueError(f"Unknown config.optimizer.schedule {config.schedule!r}; use 'cosine', 'step' or 'constant'.")
+
+
+def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The optax transformation named by config.name ('adamw', 'sgd' or 'adamax')."""
+    if config.name == "adamw":
+        tx = optax.adamw(lr_schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask)
+    elif config.name == "sgd":
+        # PyTorch SGD adds weight decay to the gradient (L2), before momentum.
+        tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                         optax.sgd(lr_schedule, momentum=config.momentum))
+    elif config.name == "adamax":
+        tx = optax.adamax(lr_schedule)
+    else:
+        raise ValueError(f"Unknown config.optimizer.name {config.name!r}; use 'adamw', 'sgd' or 'adamax'.")
+    if config.get("grad_clip"):
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
+    return tx
