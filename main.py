@@ -17,8 +17,9 @@ EXPERIMENTS = {
     "cbm": "cbm_jax.train_supervised",
 }
 
-config_flags.DEFINE_config_file("config", os.path.join(ROOT, "configs", "mae_fashion_mnist.py"),
-                                "Experiment config file (configs/NAME.py[:variant]).", lock_config=True)
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "mae_fashion_mnist.py")
+config_flags.DEFINE_config_file("config", None, f"Experiment config file (configs/NAME.py[:variant]); default "
+                                f"{os.path.relpath(DEFAULT_CONFIG, ROOT)}.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and pictures go; a rerun resumes from it.")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs without a "
                     "cluster environment (otherwise TPU pods and SLURM are detected).")
@@ -35,6 +36,26 @@ class QuietLibraries(logging.logging.Filter):
 
     def filter(self, record):
         return record.levelno > logging.logging.INFO or not any(q in record.pathname for q in QUIET_LIBRARIES)
+
+
+def one_line(error: BaseException) -> str:
+    """The last line of an exception's message (config-file errors embed a whole traceback)."""
+    lines = [line.strip() for line in str(error).replace("\\n", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def parse_flags(argv):
+    """absl flag parsing (default config when none is named); bad flags and unknown keys reported in one line."""
+    if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+        argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+    try:
+        remaining = flags.FLAGS(argv)
+        flags.FLAGS.config.keys()  # Loads the config file now, so its errors are reported here too.
+        return remaining
+    except (AttributeError, KeyError) as e:
+        sys.exit(f"error: unknown config key on the command line: {one_line(e).strip(chr(39))}")
+    except (flags.Error, OSError, TypeError, ValueError) as e:
+        sys.exit(f"error: bad command line: {one_line(e)}")
 
 
 def main(argv):
@@ -54,9 +75,14 @@ def main(argv):
     with open(os.path.join(flags.FLAGS.workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     logging.info("Config:\n%s", config)
-    importlib.import_module(EXPERIMENTS[config.experiment]).train_and_evaluate(config, flags.FLAGS.workdir)
+    from clmae_jax.runtime.checkpoint import CheckpointError
+    try:
+        importlib.import_module(EXPERIMENTS[config.experiment]).train_and_evaluate(config, flags.FLAGS.workdir)
+    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError, NotImplementedError) as e:
+        # Bad input or a diverged run: the message names the problem and the fix; a traceback would bury it.
+        sys.exit(f"error: {one_line(e)}")
 
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

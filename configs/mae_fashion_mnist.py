@@ -16,7 +16,7 @@ FASHION_MNIST_STD = (0.3530,)
 def fashion_mnist_input() -> ml_collections.ConfigDict:
     """Fashion-MNIST from the offline IDX files, 28x28 grey, light augmentation."""
     return ml_collections.ConfigDict(dict(
-        source="fashion_mnist_idx", name="fashion_mnist", data_dir=None, train_split="train", eval_split="test",
+        source="fashion_mnist_idx", name="fashion_mnist", data_dir="", train_split="train", eval_split="test",
         image_size=28, channels=1, augment="mae", crop_scale=(0.5, 1.0), shuffle_buffer=60_000,
         eval_crop_ratio=1.0, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD))
 

@@ -15,7 +15,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def imagenet_input() -> ml_collections.ConfigDict:
     """tfds imagenet2012 with the MAE augmentation (RandomResizedCrop(0.2, 1) + flip)."""
     return ml_collections.ConfigDict(dict(
-        source="tfds", name="imagenet2012", data_dir=None, train_split="train", eval_split="validation",
+        source="tfds", name="imagenet2012", data_dir="", train_split="train", eval_split="validation",
         image_size=224, channels=3, augment="mae", crop_scale=(0.2, 1.0), shuffle_buffer=250_000,
         eval_crop_ratio=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD))
 

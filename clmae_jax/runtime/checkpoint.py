@@ -10,6 +10,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be read back."""
+
+
 class Checkpointer:
     """A CheckpointManager over `workdir/checkpoints` holding the train state and a small JSON of metadata."""
 
@@ -35,7 +39,7 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=args)
         except Exception as e:  # Orbax raises many types for unreadable or mismatched files.
-            raise RuntimeError(
+            raise CheckpointError(
                 f"Checkpoint {self.directory}/{step} cannot be restored ({type(e).__name__}: {str(e)[:200]}); "
                 f"delete that step folder to resume from the one before, or use a new --workdir.") from e
         logging.info("Restored checkpoint %s/%d", self.directory, step)

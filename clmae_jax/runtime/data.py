@@ -70,7 +70,7 @@ def fashion_mnist_idx(split: str, data_dir: str | None) -> Source:
 def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
     """A prepared tfds dataset by name; images stay encoded until after shuffling."""
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tfds.builder(name, data_dir=data_dir or None)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(f"Unknown tfds dataset {name!r}; fix config.input.name.") from e
     if not tf.io.gfile.exists(builder.data_dir):

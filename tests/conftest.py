@@ -1,0 +1,46 @@
+"""Shared test set-up: the repo on sys.path, quiet TensorFlow, and a runner for main.py in a subprocess."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _run_main(workdir, config, *overrides, devices=1, extra_flags=(), timeout=600, check=True):
+    """Runs `python main.py` with `devices` fake CPU devices; returns the CompletedProcess."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={os.path.join(ROOT, 'configs', config)}",
+           f"--workdir={workdir}", *overrides, *extra_flags]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode:
+        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture
+def run_main():
+    """`run_main(workdir, config, *overrides, devices=1)` -> CompletedProcess of main.py."""
+    return _run_main
+
+
+def read_scalars(workdir, tag):
+    """{step: value} of a scalar written by clu's TensorBoard writer in `workdir`."""
+    import tensorflow as tf
+    values = {}
+    for name in sorted(os.listdir(workdir)):
+        if name.startswith("events.out.tfevents"):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+                for v in event.summary.value:
+                    if v.tag == tag:
+                        values[event.step] = float(tf.make_ndarray(v.tensor))
+    return values
+
+
+@pytest.fixture
+def scalars():
+    """`scalars(workdir, tag)` -> {step: value} from the run's TensorBoard events."""
+    return read_scalars

@@ -1,0 +1,114 @@
+"""MAE training end to end through main.py on real Fashion-MNIST: device-count invariance, exact resume,
+learning, multi-process, and the errors a user sees."""
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import ROOT
+
+CONFIG = "mae_fashion_mnist.py:test"
+
+
+def load_params(workdir, step):
+    """Parameters of the checkpoint at `step`, as numpy, read without a template."""
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(path).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+    return jax.device_get(checkpointer.restore(path, target)["params"])
+
+
+def assert_trees_close(a, b, atol):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=0), a, b)
+
+
+def test_same_loss_and_params_on_1_and_8_devices(tmp_path, run_main, scalars):
+    runs = {}
+    for devices in (1, 8):
+        workdir = str(tmp_path / f"d{devices}")
+        run_main(workdir, CONFIG, "--config.total_steps=2", "--config.log_every_steps=1", devices=devices)
+        runs[devices] = workdir
+    loss1, loss8 = scalars(runs[1], "loss"), scalars(runs[8], "loss")
+    assert sorted(loss1) == [1, 2]
+    np.testing.assert_allclose([loss1[s] for s in (1, 2)], [loss8[s] for s in (1, 2)], atol=1e-5)
+    before = load_params(runs[1], 2)
+    assert_trees_close(before, load_params(runs[8], 2), atol=1e-5)
+
+
+def test_stop_resume_equals_uninterrupted(tmp_path, run_main, scalars):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run_main(straight, CONFIG, "--config.total_steps=4")
+    run_main(resumed, CONFIG, "--config.total_steps=4", "--config.stop_after_steps=2")
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["2"]
+    run_main(resumed, CONFIG, "--config.total_steps=4")
+    assert_trees_close(load_params(straight, 4), load_params(resumed, 4), atol=1e-6)
+    assert scalars(resumed, "loss")[4] == pytest.approx(scalars(straight, "loss")[4], abs=1e-6)
+
+
+def test_real_training_lowers_the_loss(tmp_path, run_main, scalars):
+    workdir = str(tmp_path / "learn")
+    run_main(workdir, "mae_fashion_mnist.py", "--config.total_steps=60", "--config.batch_size=64",
+             "--config.log_every_steps=10", "--config.image_every_steps=60", "--config.checkpoint_every_steps=60")
+    loss = scalars(workdir, "loss")
+    early, late = np.mean([loss[10], loss[20]]), np.mean([loss[50], loss[60]])
+    assert late < 0.8 * early, loss
+    assert os.path.exists(os.path.join(workdir, "images", "reconstruction_0000060.png"))
+    assert scalars(workdir, "steps_per_sec")
+
+
+def test_two_processes_on_localhost(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = str(tmp_path / "multi")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py"), f"--config={ROOT}/configs/{CONFIG}", f"--workdir={workdir}",
+         "--config.total_steps=2", "--config.log_every_steps=1", f"--coordinator_address=127.0.0.1:{port}",
+         "--num_processes=2", f"--process_id={i}"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for i, log in enumerate(logs):
+        assert f"process {i}/2, 2 local / 4 global devices" in log
+        assert "batch 16 global, 8 per process, 4 per device" in log
+    params = load_params(workdir, 2)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_unknown_config_key_is_one_clear_line(tmp_path, run_main):
+    proc = run_main(str(tmp_path), CONFIG, "--config.batch_sizee=8", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        'error: unknown config key on the command line: Did you mean "batch_size" instead of "batch_sizee"?')
+
+
+def test_patch_size_mismatch_and_missing_data_are_clear(tmp_path, run_main):
+    proc = run_main(str(tmp_path / "a"), CONFIG, "--config.input.image_size=30", check=False)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: config.input.image_size=30 is not divisible by config.model.patch_size=4; change one of them.")
+    proc = run_main(str(tmp_path / "b"), CONFIG, f"--config.input.data_dir={tmp_path}", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "apt-get install dataset-fashion-mnist" in last
+
+
+def test_corrupt_checkpoint_is_reported_and_left_in_place(tmp_path, run_main):
+    workdir = str(tmp_path / "corrupt")
+    run_main(workdir, CONFIG, "--config.total_steps=3", "--config.checkpoint_every_steps=3")
+    state_dir = os.path.join(workdir, "checkpoints", "3", "state")
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            if name != "_METADATA":
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"garbage")
+    proc = run_main(workdir, CONFIG, "--config.total_steps=6", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "cannot be restored" in last and "delete that step folder" in last
+    assert os.path.isdir(state_dir)
