@@ -1,0 +1,261 @@
+"""CL-MAE pretraining (Madan et al., 2023): a learned masking module and the MAE, two alternating update steps.
+
+Each iteration, on the same batch (official `engine_pretrain.py`):
+  1. MAE step: the masking module scores the tokens, the MAE keeps the top-k and is trained with the MAE loss.
+  2. Masking-module step: every token is scaled by its keep-probability, the frozen MAE reconstructs, and the module
+     minimises lambda_CL(t) * L_rec + lambda_G * L_G + lambda_KL * L_KL + lambda_div * L_div.
+lambda_CL goes from +1 (partner: easy masks) to -1 (adversary: hard masks) over training.
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from clmae_jax import curriculum, losses
+from clmae_jax.models.mae import MaskedAutoencoder, mae_loss, num_visible, per_patch_error
+from clmae_jax.models.masker import CurriculumMasker
+from clmae_jax.runtime import data, loop, mesh as mesh_lib, metrics, optim
+from clmae_jax.runtime.state import TrainState, create_state, tree_size
+from clmae_jax.train_mae import build_mae, check_geometry, init_params, masking_columns, random_masked_loss
+
+FREEZE_MODES = ("exact", "official")
+
+
+def build_masker(config) -> CurriculumMasker:
+    """The curriculum masking module at the MAE encoder's width."""
+    return CurriculumMasker(depth=config.clmae.masker_depth, num_heads=config.clmae.masker_heads,
+                            dtype=jnp.dtype(config.model.dtype))
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """The optimizer of each half, its learning rate set per iteration (see `apply_update`)."""
+    return optax.inject_hyperparams(lambda learning_rate: optim.make_optimizer(config.optimizer, learning_rate))(
+        learning_rate=0.0)
+
+
+def curriculum_position(config, run, step: int) -> tuple[int, int]:
+    """(epoch, epochs) of the lambda_CL schedule: real epochs, or config.clmae.curriculum_stages equal stages."""
+    stages = config.clmae.curriculum_stages
+    if stages > 0:
+        return min(step * stages // run.total_steps, stages - 1), stages
+    epochs = math.ceil(run.total_steps / run.steps_per_epoch)
+    return min(run.epoch(step), epochs - 1), epochs
+
+
+def lambda_cl(config, run, step: int) -> float:
+    """lambda_CL for the iteration that starts at `step`."""
+    return curriculum.curriculum_weight(config.clmae.curriculum, *curriculum_position(config, run, step))
+
+
+def masker_objective(config, per_patch_errors, keep_prob, lambda_curriculum):
+    """lambda_CL * L_rec + lambda_G * L_G + lambda_KL * L_KL + lambda_div * L_div, each over fixed image groups.
+
+    Returns (total, the four unweighted terms). Groups of config.clmae.loss_group_size images reproduce the
+    official per-GPU computation (256 images each, KL summed over them) on any number of devices.
+    """
+    c = config.clmae
+    grouped = functools.partial(losses.grouped, group_size=c.loss_group_size)
+    terms = {
+        "loss_curriculum": grouped(losses.curriculum_loss)(per_patch_errors, keep_prob),
+        "loss_gaussian": grouped(losses.gaussian_loss)(keep_prob, sigma=c.gaussian_sigma),
+        "loss_kl": grouped(losses.kl_loss)(keep_prob, target_keep_ratio=c.target_keep_ratio),
+        "loss_diversity": grouped(losses.diversity_loss)(keep_prob, scale=c.diversity_scale),
+    }
+    total = (lambda_curriculum * terms["loss_curriculum"] + c.lambda_gaussian * terms["loss_gaussian"]
+             + c.lambda_kl * terms["loss_kl"] + c.lambda_diversity * terms["loss_diversity"])
+    return total, terms
+
+
+def mask_statistics(keep_prob, group_size: int) -> dict:
+    """How decided and how varied the learned masks are."""
+    distance = lambda m: jnp.mean(jnp.sqrt(jnp.maximum(
+        jnp.sum((m[:, None] - m[None]) ** 2, -1), 1e-12))[jnp.triu_indices(m.shape[0], 1)])
+    return {"keep_prob_mean": jnp.mean(keep_prob),
+            "decisive_fraction": jnp.mean((keep_prob < 0.1) | (keep_prob > 0.9)),
+            "mask_distance": losses.grouped(distance, group_size)(keep_prob)}
+
+
+class CLMAE:
+    """The MAE and its masking module, applied the two ways CL-MAE needs."""
+
+    def __init__(self, config):
+        self.config, self.mae, self.masker = config, build_mae(config), build_masker(config)
+        self.num_keep = num_visible(check_geometry(config), config.mae.mask_ratio)
+
+    def init(self, rng):
+        """Parameters of both halves: {"mae", "masker"}."""
+        mae_params = init_params(self.mae, self.config, rng)
+        tokens = jnp.zeros((1, check_geometry(self.config), self.mae.width))
+        return {"mae": mae_params, "masker": self.masker.init(jax.random.fold_in(rng, 1), tokens)["params"]}
+
+    def keep_probabilities(self, params, images):
+        """(tokens, keep-probabilities): the module reads the MAE's patch + position embedding, never trains it."""
+        tokens = self.mae.apply({"params": params["mae"]}, images, method=MaskedAutoencoder.embed)
+        tokens = jax.lax.stop_gradient(tokens)
+        return tokens, self.masker.apply({"params": params["masker"]}, tokens)
+
+    def learned_mask_loss(self, mae_params, images, keep_prob):
+        """MAE loss when the top-k tokens by keep-probability stay visible (the MAE step)."""
+        pred, mask = self.mae.apply({"params": mae_params}, images, keep_prob, self.num_keep)
+        return mae_loss(images, pred, mask, self.config.model.patch_size, self.config.mae.norm_pix_loss), (pred, mask)
+
+    def soft_errors(self, mae_params, tokens, keep_prob, images):
+        """Per-patch errors when every token is scaled by its keep-probability (the masking-module step)."""
+        pred = self.mae.apply({"params": mae_params}, tokens, keep_prob, method=MaskedAutoencoder.reconstruct_soft)
+        return per_patch_error(images, pred, self.config.model.patch_size, self.config.mae.norm_pix_loss)
+
+
+def apply_update(tx, state, half: str, grads, lr, freeze: str, skip_frozen=None):
+    """AdamW on `half`; the other half stays bit-identical ('exact') or takes a zero-gradient step ('official').
+
+    'official' reproduces the PyTorch code under torch < 2: `zero_grad()` leaves zero tensors, so AdamW's momentum
+    and weight decay keep moving the frozen half. `skip_frozen` covers the one exception: before its first
+    backward pass the masking module has no .grad at all and PyTorch skips it.
+    """
+    params, opt_state = dict(state.params), dict(state.opt_state)
+    halves = {half: grads}
+    if freeze == "official":
+        other = "masker" if half == "mae" else "mae"
+        halves[other] = jax.tree.map(jnp.zeros_like, params[other])
+    for name, g in halves.items():
+        opt = opt_state[name]._replace(hyperparams={**opt_state[name].hyperparams, "learning_rate": lr})
+        updates, new_opt = tx.update(g, opt, params[name])
+        new_params = optax.apply_updates(params[name], updates)
+        if name != half and skip_frozen is not None:
+            new_params, new_opt = jax.tree.map(lambda new, old: jnp.where(skip_frozen, old, new),
+                                               (new_params, new_opt), (params[name], opt))
+        params[name], opt_state[name] = new_params, new_opt
+    return state.replace(params=params, opt_state=opt_state)
+
+
+def make_steps(model: CLMAE, tx, lr_schedule, config):
+    """(mae_step, masker_step): state, batch[, lambda_cl] -> state, measurements."""
+    if config.clmae.freeze not in FREEZE_MODES:
+        raise ValueError(f"Unknown config.clmae.freeze {config.clmae.freeze!r}; use one of {FREEZE_MODES}.")
+    normalize = lambda batch: data.normalize(batch["image"], config.input.mean, config.input.std)
+    rng = jax.random.PRNGKey(config.seed)  # Neither step samples; accumulation only needs a key to thread.
+
+    def mae_step(state, batch):
+        def loss_and_grad(mae_params, micro, _):
+            images = normalize(micro)
+            _, keep_prob = model.keep_probabilities({**state.params, "mae": mae_params}, images)
+            loss_fn = lambda p: (model.learned_mask_loss(p, images, keep_prob)[0], ())
+            return jax.value_and_grad(loss_fn, has_aux=True)(mae_params)
+
+        (loss, _), grads = loop.accumulate_gradients(loss_and_grad, state.params["mae"], batch, rng,
+                                                     config.grad_accum_steps)
+        state = apply_update(tx, state, "mae", grads, lr_schedule(state.step), config.clmae.freeze,
+                             skip_frozen=state.step == 0)
+        return state, {"mae_loss": loss, "mae_grad_norm": optax.global_norm(grads)}
+
+    def masker_step(state, batch, lambda_curriculum):
+        def loss_and_grad(masker_params, micro, _):
+            images = normalize(micro)
+
+            def loss_fn(p):
+                tokens, keep_prob = model.keep_probabilities({**state.params, "masker": p}, images)
+                errors = model.soft_errors(state.params["mae"], tokens, keep_prob, images)
+                total, terms = masker_objective(config, errors, keep_prob, lambda_curriculum)
+                return total, {**terms, **mask_statistics(keep_prob, config.clmae.loss_group_size)}
+
+            return jax.value_and_grad(loss_fn, has_aux=True)(masker_params)
+
+        (loss, aux), grads = loop.accumulate_gradients(loss_and_grad, state.params["masker"], batch, rng,
+                                                       config.grad_accum_steps)
+        lr = lr_schedule(state.step)
+        state = apply_update(tx, state, "masker", grads, lr, config.clmae.freeze)
+        measurements = {"masker_loss": loss, "masker_grad_norm": optax.global_norm(grads),
+                        "lambda_cl": lambda_curriculum, "learning_rate": lr, **aux}
+        return state.replace(step=state.step + 1), measurements
+
+    return mae_step, masker_step
+
+
+def difficulty(model: CLMAE, config, params, batch, rng) -> dict:
+    """MAE loss on one batch under the learned mask and under a random mask of the same ratio.
+
+    The ratio learned/random is the curriculum made visible: below 1 the module is a partner, above 1 an adversary.
+    """
+    images = data.normalize(batch["image"], config.input.mean, config.input.std)
+    _, keep_prob = model.keep_probabilities(params, images)
+    learned = model.learned_mask_loss(params["mae"], images, keep_prob)[0]
+    random = random_masked_loss(model.mae, config, params["mae"], images, rng)[0]
+    return {"mae_loss_learned_mask": learned, "mae_loss_random_mask": random, "difficulty": learned / random}
+
+
+def summary(model: CLMAE, config, params, images):
+    """(keep-probabilities, predicted patches, binary mask) for the summary pictures."""
+    normalized = data.normalize(images, config.input.mean, config.input.std)
+    _, keep_prob = model.keep_probabilities(params, normalized)
+    _, (pred, mask) = model.learned_mask_loss(params["mae"], normalized, keep_prob)
+    return keep_prob, pred, mask
+
+
+def summary_grids(config, images, keep_prob, pred, mask) -> dict:
+    """Pictures: inputs, keep-probability heat maps, learned masks and reconstructions, side by side."""
+    grid = int(round(keep_prob.shape[1] ** 0.5))
+    scale = images.shape[1] // grid
+    heat = np.kron(np.asarray(keep_prob).reshape(-1, grid, grid), np.ones((scale, scale)))[..., None]
+    heat = np.repeat(heat, images.shape[-1], axis=-1)
+    return {"keep_probability": metrics.image_grid([images / 255.0, heat]),
+            "learned_mask_reconstruction": masking_columns(config, images, pred, mask)}
+
+
+def train_and_evaluate(config, workdir: str):
+    """Trains CL-MAE as config says, resuming (mid-curriculum included) from the latest checkpoint in `workdir`."""
+    # Mesh, input, budget.
+    run = loop.Run.create(config, workdir)
+    replicated = mesh_lib.replicated(run.mesh)
+
+    # Model and optimizers: one per half, each with the same recipe and learning rate.
+    model = CLMAE(config)
+    lr = optim.learning_rate(config.optimizer, config.batch_size)
+    lr_schedule = optim.schedule(config.optimizer, lr, run.steps_per_epoch, run.total_steps)
+    tx = make_optimizer(config)
+
+    def init():
+        params = model.init(jax.random.PRNGKey(config.seed))
+        opt_state = {name: tx.init(p) for name, p in params.items()}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+    state = run.restore_or(create_state(init, replicated))
+    start_step = int(state.step)
+    logging.info("CL-MAE: MAE %.1fM + masking module %.1fM parameters, lr %.3g, freeze=%s, starting at step %d",
+                 tree_size(state.params["mae"]) / 1e6, tree_size(state.params["masker"]) / 1e6, lr,
+                 config.clmae.freeze, start_step)
+
+    # Compiled steps.
+    mae_step, masker_step = make_steps(model, tx, lr_schedule, config)
+    out = (replicated, replicated)
+    mae_step = jax.jit(mae_step, donate_argnums=(0,), out_shardings=out)
+    masker_step = jax.jit(masker_step, donate_argnums=(0,), out_shardings=out)
+    difficulty_fn = jax.jit(functools.partial(difficulty, model, config))
+    summary_fn = jax.jit(functools.partial(summary, model, config))
+    images_for_summary = loop.fixed_batch(config, config.num_summary_images)
+
+    # Loop.
+    progress, last = run.progress(), run.last_step()
+    timer = loop.StepTimer(start_step)
+    for step, batch in zip(range(start_step + 1, last + 1), run.batches(start_step)):
+        lambda_now = lambda_cl(config, run, step - 1)
+        if step % config.log_every_steps == 0 or step == last:
+            measured = difficulty_fn(state.params, batch, jax.random.PRNGKey(step))
+        state, mae_measured = mae_step(state, batch)
+        state, masker_measured = masker_step(state, batch, jnp.float32(lambda_now))
+        progress(step)
+        if step % config.log_every_steps == 0 or step == last:
+            run.log(step, {**measured, **mae_measured, **masker_measured}, timer.seconds_per_step(step))
+        if step % config.image_every_steps == 0 or step == last:
+            keep_prob, pred, mask = summary_fn(state.params, images_for_summary)
+            metrics.write_images(run.writer, workdir, step, summary_grids(config, images_for_summary,
+                                                                          keep_prob, pred, mask))
+        if step % config.checkpoint_every_steps == 0 or step == last:
+            epoch, epochs = curriculum_position(config, run, step)
+            run.save(step, state, curriculum_epoch=epoch, curriculum_epochs=epochs,
+                     lambda_cl=lambda_cl(config, run, min(step, run.total_steps - 1)))
+    run.close()
+    return state

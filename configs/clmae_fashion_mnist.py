@@ -1,0 +1,24 @@
+"""CL-MAE on Fashion-MNIST on a CPU in minutes: watch the masks go from partner to adversary.
+
+    python main.py --config=configs/clmae_fashion_mnist.py --workdir=runs/clmae_fmnist
+
+lambda_CL moves through 20 stages over the run (config.clmae.curriculum_stages) because the run is shorter than an
+epoch; the loss groups are 64 images (4 groups per batch of 256).
+"""
+from configs import clmae_vitb, mae_fashion_mnist
+
+
+def get_config(variant: str = ""):
+    """The quickstart MAE plus the masking module (variant 'test': a handful of steps)."""
+    config = mae_fashion_mnist.get_config(variant)
+    config.experiment = "clmae"
+    config.clmae = clmae_vitb.clmae_defaults()
+    config.clmae.curriculum_stages = 20
+    config.clmae.masker_depth = 2
+    config.clmae.loss_group_size = 64
+    config.optimizer.base_lr = 1e-3
+    config.batch_size = 256
+    if variant == "test":
+        config.batch_size = 16
+        config.clmae.loss_group_size = 8
+    return config
