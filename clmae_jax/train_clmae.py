@@ -150,7 +150,7 @@ def make_steps(model: CLMAE, tx, lr_schedule, config):
                                                      config.grad_accum_steps)
         state = apply_update(tx, state, "mae", grads, lr_schedule(state.step), config.clmae.freeze,
                              skip_frozen=state.step == 0)
-        return state, {"mae_loss": loss, "mae_grad_norm": optax.global_norm(grads)}
+        return state, {"mae_loss": loss, "mae_grad_norm": optax.tree.norm(grads)}
 
     def masker_step(state, batch, lambda_curriculum):
         def loss_and_grad(masker_params, micro, _):
@@ -168,7 +168,7 @@ def make_steps(model: CLMAE, tx, lr_schedule, config):
                                                        config.grad_accum_steps)
         lr = lr_schedule(state.step)
         state = apply_update(tx, state, "masker", grads, lr, config.clmae.freeze)
-        measurements = {"masker_loss": loss, "masker_grad_norm": optax.global_norm(grads),
+        measurements = {"masker_loss": loss, "masker_grad_norm": optax.tree.norm(grads),
                         "lambda_cl": lambda_curriculum, "learning_rate": lr, **aux}
         return state.replace(step=state.step + 1), measurements
 

@@ -43,8 +43,8 @@ def accumulate_gradients(loss_and_grad, params, batch: dict, rng, accum_steps: i
 
 def norms(grads, params, updates) -> dict:
     """Global L2 norms that tell a healthy run from a diverging one."""
-    return {"grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params),
-            "update_norm": optax.global_norm(updates)}
+    return {"grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
+            "update_norm": optax.tree.norm(updates)}
 
 
 def check_finite(measurements: dict, step: int):
