@@ -213,8 +213,7 @@ def train_and_evaluate(config, workdir: str):
 
     # Model and optimizers: one per half, each with the same recipe and learning rate.
     model = CLMAE(config)
-    lr = optim.learning_rate(config.optimizer, config.batch_size)
-    lr_schedule = optim.schedule(config.optimizer, lr, run.steps_per_epoch, run.total_steps)
+    lr, lr_schedule = run.learning_rate()
     tx = make_optimizer(config)
 
     def init():

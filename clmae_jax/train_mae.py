@@ -90,8 +90,7 @@ def train_and_evaluate(config, workdir: str):
 
     # Model and optimizer.
     model = build_mae(config)
-    lr = optim.learning_rate(config.optimizer, config.batch_size)
-    lr_schedule = optim.schedule(config.optimizer, lr, run.steps_per_epoch, run.total_steps)
+    lr, lr_schedule = run.learning_rate()
     tx = optim.make_optimizer(config.optimizer, lr_schedule)
 
     def init():

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib, metrics
+from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib, metrics, optim
 
 
 def step_budget(config, num_train_examples: int) -> tuple[int, int]:
@@ -94,6 +94,11 @@ class Run:
                      config.batch_size // jax.process_count(), config.batch_size // jax.device_count())
         return cls(config, workdir, mesh, source, steps_per_epoch, total_steps, metrics.create_writer(workdir),
                    checkpoint.Checkpointer(workdir, config.keep_checkpoints))
+
+    def learning_rate(self) -> tuple[float, object]:
+        """(peak learning rate, per-step schedule) of config.optimizer for this run's batch and budget."""
+        peak = optim.learning_rate(self.config.optimizer, self.config.batch_size)
+        return peak, optim.schedule(self.config.optimizer, peak, self.steps_per_epoch, self.total_steps)
 
     def restore_or(self, state):
         """The latest checkpointed state in the workdir, or `state` when there is none."""
