@@ -26,6 +26,8 @@ def batch_norm(train: bool, dtype: Any, momentum: float = 0.9):
     """BatchNorm as torch.nn.BatchNorm2d: flax momentum 0.9 is PyTorch's 0.1, eps 1e-5."""
     # axis_name=None is synchronised BN here: the step is jitted over the mesh with global-batch semantics,
     # so XLA reduces the batch statistics over the whole global batch, across devices.
+    # Flax keeps the biased batch variance in its running average where PyTorch keeps the unbiased one; the factor
+    # n / (n - 1) with n = batch * height * width (>= 1024 for batch 64 at 32x32) is negligible.
     return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=1e-5,
                              axis_name=None, dtype=dtype)
 
