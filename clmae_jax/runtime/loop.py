@@ -29,6 +29,10 @@ def accumulate_gradients(loss_and_grad, params, batch: dict, rng, accum_steps: i
     """
     if accum_steps == 1:
         return loss_and_grad(params, batch, rng)
+    batch_size = jax.tree.leaves(batch)[0].shape[0]
+    if batch_size % accum_steps:
+        raise ValueError(f"The batch of {batch_size} does not split into config.grad_accum_steps={accum_steps} "
+                         "equal micro-batches; choose a divisor.")
     micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
 
     def body(carry, inputs):
