@@ -31,9 +31,15 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
-def forward(model, variables, x):
+def jitted_forward(model, variables, x):
     """Eval-mode logits, jitted once per model and shape across tests (the compile dominates their time)."""
     return model.apply(variables, x, train=False)
+
+
+def forward(model, variables, x):
+    """Eval-mode logits in full float32 precision (no TF32 on GPUs), for comparisons with PyTorch."""
+    with jax.default_matmul_precision("highest"):
+        return jitted_forward(model, variables, x)
 
 
 def param_count(tree):
@@ -383,7 +389,7 @@ def test_official_and_hf_formats_give_the_same_variables(transformers, tmp_path)
     hf = hf_cvt(transformers, TINY, num_labels=7)
     official = {official_key(k): v for k, v in hf.state_dict().items()}
     assert len(official) == len(hf.state_dict())
-    path = str(tmp_path / "CvT-tiny.pth")
+    path = tmp_path / "CvT-tiny.pth"
     torch.save(official, path)
     from_hf = load_cvt_torch_checkpoint(numpy_state_dict(hf), config=TINY)
     from_pth = load_cvt_torch_checkpoint(path, config=TINY)

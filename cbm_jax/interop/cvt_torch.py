@@ -9,8 +9,9 @@ Two key layouts are understood, told apart by their keys:
 Torch is imported only to read a .pth file: converting an already-loaded state dict of numpy arrays (or CPU
 tensors) needs numpy and jax alone.
 """
+import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +101,7 @@ def describe(paths) -> str:
     return f"{names[:5]}{' ...' if len(names) > 5 else ''} ({len(names)} in all)"
 
 
-def load_cvt_torch_checkpoint(path_or_state_dict, num_classes: int = None, config: Mapping = CVT_13,
+def load_cvt_torch_checkpoint(path_or_state_dict, num_classes: Optional[int] = None, config: Mapping = CVT_13,
                               seed: int = 0) -> dict:
     """Flax variables {'params', 'batch_stats'} of `CvT(num_classes, **config)` from a PyTorch CvT checkpoint.
 
@@ -111,7 +112,8 @@ def load_cvt_torch_checkpoint(path_or_state_dict, num_classes: int = None, confi
       config: the CvT stage layout (`CVT_13`, `CVT_21`, ...): the heads are not recorded in the weights.
       seed: seed of a re-initialised head.
     """
-    state_dict = read_pth(path_or_state_dict) if isinstance(path_or_state_dict, str) else path_or_state_dict
+    is_path = isinstance(path_or_state_dict, (str, os.PathLike))
+    state_dict = read_pth(path_or_state_dict) if is_path else path_or_state_dict
     if checkpoint_format(state_dict) == "huggingface":
         state_dict = hf_to_official(state_dict)
     flat = {}
