@@ -1,5 +1,6 @@
 """Tests for the Flax CvT and the PyTorch CvT importer (parity tests need requirements-interop.txt)."""
 import functools
+import math
 
 import chex
 import flax.linen as nn
@@ -10,7 +11,7 @@ import pytest
 from flax import errors, traverse_util
 
 from cbm_jax.interop.cvt_torch import load_cvt_torch_checkpoint
-from cbm_jax.models.cvt import CVT_13, Block, ConvAttention, CvT
+from cbm_jax.models.cvt import CVT_13, Block, ConvAttention, CvT, Mlp
 
 # A small layout for fast tests; Hugging Face indexes drop-path rates by stage, so depth[i] must exceed i.
 TINY = dict(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 2, 3), drop_path_rate=(0.0, 0.0, 0.1))
@@ -182,6 +183,17 @@ def test_attention_matches_naive_reference():
     expected = out @ p["proj"]["kernel"] + p["proj"]["bias"]
     np.testing.assert_allclose(attn.apply(variables, x, (height, width), train=False), expected,
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_mlp_activation_is_exact_gelu_or_quick_gelu(quick):
+    x = images(2, 3, seed=4).reshape(2, 27, 1) * 3.0
+    mlp = Mlp(hidden=1, quick_gelu=quick)
+    identity = {"fc1": {"kernel": np.ones((1, 1)), "bias": np.zeros(1)},
+                "fc2": {"kernel": np.ones((1, 1)), "bias": np.zeros(1)}}
+    erf = np.vectorize(math.erf)
+    expected = x / (1.0 + np.exp(-1.702 * x)) if quick else 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+    np.testing.assert_allclose(mlp.apply({"params": identity}, x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_drop_path_draws_from_the_dropout_rng_in_training(tiny, tiny_train_step):
