@@ -9,4 +9,4 @@ def train_and_evaluate(config, workdir: str):
     del config, workdir
     raise NotImplementedError(
         "The CBM supervised trainer is not implemented yet (issue 5); cbm_jax's salience, masking, schedules, "
-        "ResNet-18 and WRN-52-2 exist and are tested, the train step, configs and CvT-13 do not.")
+        "ResNet-18, WRN-52-2 and CvT-13 exist and are tested, the train step and its configs do not.")
