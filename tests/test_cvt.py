@@ -11,7 +11,8 @@ import pytest
 from flax import errors, traverse_util
 
 from cbm_jax.interop.cvt_torch import load_cvt_torch_checkpoint
-from cbm_jax.models.cvt import CVT_13, Block, ConvAttention, CvT, Mlp
+from cbm_jax.models.cvt import CVT_13, Block, ConvAttention, CvT, quick_gelu
+from clmae_jax.models.vit import Mlp, exact_gelu
 
 # A small layout for fast tests; Hugging Face indexes drop-path rates by stage, so depth[i] must exceed i.
 TINY = dict(embed_dim=(16, 32, 48), num_heads=(1, 2, 3), depth=(1, 2, 3), drop_path_rate=(0.0, 0.0, 0.1))
@@ -188,7 +189,7 @@ def test_attention_matches_naive_reference():
 @pytest.mark.parametrize("quick", [False, True])
 def test_mlp_activation_is_exact_gelu_or_quick_gelu(quick):
     x = images(2, 3, seed=4).reshape(2, 27, 1) * 3.0
-    mlp = Mlp(hidden=1, quick_gelu=quick)
+    mlp = Mlp(hidden=1, activation=quick_gelu if quick else exact_gelu)
     identity = {"fc1": {"kernel": np.ones((1, 1)), "bias": np.zeros(1)},
                 "fc2": {"kernel": np.ones((1, 1)), "bias": np.zeros(1)}}
     erf = np.vectorize(math.erf)

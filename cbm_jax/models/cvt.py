@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clmae_jax.models.vit import Mlp, exact_gelu
 from cbm_jax.models.resnet import batch_norm
 from cbm_jax.models.wide_resnet import torch_default_bias_init, torch_default_kernel_init
 
@@ -120,21 +121,6 @@ class ConvAttention(nn.Module):
         return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="proj")(out)
 
 
-class Mlp(nn.Module):
-    """fc1 -> GELU (exact erf, or QuickGELU) -> fc2."""
-
-    hidden: int
-    quick_gelu: bool = False
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        width = x.shape[-1]
-        x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
-        x = quick_gelu(x) if self.quick_gelu else nn.gelu(x, approximate=False)
-        return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
-
-
 class Block(nn.Module):
     """x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
 
@@ -153,7 +139,8 @@ class Block(nn.Module):
         drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train)
         attn = ConvAttention(self.num_heads, self.with_cls_token, dtype=self.dtype, name="attn")
         x = x + drop_path(attn(norm("norm1")(x), grid_shape, train))
-        mlp = Mlp(int(x.shape[-1] * self.mlp_ratio), self.quick_gelu, self.dtype, name="mlp")
+        mlp = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, quick_gelu if self.quick_gelu else exact_gelu,
+                  dense_init, name="mlp")
         return x + drop_path(mlp(norm("norm2")(x)))
 
 

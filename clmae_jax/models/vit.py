@@ -4,7 +4,7 @@ Layouts follow timm 0.3.2 (used by facebookresearch/mae and the CL-MAE code): on
 projection, pre-norm blocks, exact-erf GELU, xavier-uniform linear weights, zero biases, fixed 2-D
 sin-cos position embeddings with a zero embedding for the CLS token.
 """
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -86,18 +86,25 @@ class Attention(nn.Module):
         return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="proj")(out)
 
 
+def exact_gelu(x):
+    """GELU with the erf, as torch.nn.GELU (flax's default is the tanh approximation)."""
+    return nn.gelu(x, approximate=False)
+
+
 class Mlp(nn.Module):
-    """Two-layer MLP with exact GELU, as torch.nn.GELU."""
+    """Two-layer MLP: fc1 -> activation (exact GELU by default) -> fc2."""
 
     hidden: int
     dtype: Any = jnp.float32
+    activation: Callable = exact_gelu
+    kernel_init: Callable = dense_init
 
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
-        x = nn.gelu(x, approximate=False)
-        return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
+        x = nn.Dense(self.hidden, kernel_init=self.kernel_init, dtype=self.dtype, name="fc1")(x)
+        x = self.activation(x)
+        return nn.Dense(width, kernel_init=self.kernel_init, dtype=self.dtype, name="fc2")(x)
 
 
 class Block(nn.Module):
