@@ -55,10 +55,15 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR ResNet classifier: ResNet-18 by default, ResNet-34 with stage_sizes=(3, 4, 6, 3)."""
+    """CIFAR ResNet classifier: ResNet-18 by default, ResNet-34 with stage_sizes=(3, 4, 6, 3).
+
+    `width` scales the stem and the four stages (width, 2, 4, 8 x width); 64 is the paper's model, smaller values
+    give a laptop-sized ResNet-18 with the same depth.
+    """
 
     num_classes: int
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    width: int = 64
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -66,12 +71,13 @@ class ResNet(nn.Module):
         if len(self.stage_sizes) != 4 or min(self.stage_sizes) < 1:
             raise ValueError(f"ResNet needs 4 positive stage sizes, got {tuple(self.stage_sizes)}; "
                              "use (2, 2, 2, 2) for ResNet-18 or (3, 4, 6, 3) for ResNet-34.")
-        x = nn.Conv(64, (3, 3), padding=TORCH_PAD_3X3, use_bias=False, kernel_init=conv_init,
+        x = nn.Conv(self.width, (3, 3), padding=TORCH_PAD_3X3, use_bias=False, kernel_init=conv_init,
                     dtype=self.dtype, name="conv_stem")(images)
         x = nn.relu(batch_norm(train, self.dtype)(name="bn_stem")(x))
-        for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, (64, 128, 256, 512))):
+        for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(width, stride, self.dtype, name=f"stage{stage + 1}_block{block}")(x, train)
+                x = BasicBlock(self.width * 2**stage, stride, self.dtype,
+                               name=f"stage{stage + 1}_block{block}")(x, train)
         features = x.astype(jnp.float32).mean(axis=(1, 2))
         return nn.Dense(self.num_classes, kernel_init=head_init, dtype=jnp.float32, name="head")(features)

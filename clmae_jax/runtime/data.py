@@ -87,18 +87,20 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
 
 
 def image_folder(split: str, data_dir: str) -> Source:
-    """`data_dir/split/<class>/<image>` folders (Tiny ImageNet, transfer sets); classes sorted by name."""
+    """`data_dir/split/<class>/**/<image>` folders (Tiny ImageNet, transfer sets); classes sorted by name."""
     root = os.path.join(data_dir or "", split)
     if not tf.io.gfile.isdir(root):
         raise FileNotFoundError(f"Image folder {root} not found; set config.input.data_dir to a folder holding "
                                 f"{split}/<class>/<image> files.")
-    classes = sorted(d for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(os.path.join(root, d)))
+    classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(os.path.join(root, d)))
     files, labels = [], []
     for label, name in enumerate(classes):
-        for f in sorted(tf.io.gfile.listdir(os.path.join(root, name))):
-            if f.lower().endswith(IMAGE_EXTENSIONS):
-                files.append(os.path.join(root, name.rstrip("/"), f))
-                labels.append(label)
+        # Recursive, so Tiny ImageNet's train/<wnid>/images/*.JPEG is read as it is unpacked.
+        for folder, _, names in sorted(tf.io.gfile.walk(os.path.join(root, name))):
+            for f in sorted(names):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(os.path.join(folder, f))
+                    labels.append(label)
     if not files:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/.")
     start, stop = _process_range(len(files))
@@ -204,10 +206,16 @@ def eval_iterator(config, source: Source, batch_size: int):
     """
     per_process = -(-source.num_examples // jax.process_count())
     num_batches = -(-per_process // batch_size)
+    transform = config.get("eval_transform", "center_crop")
+    if transform not in ("center_crop", "resize"):
+        raise ValueError(f"Unknown config.input.eval_transform {transform!r}; use 'center_crop' or 'resize'.")
 
     def prepare(ex):
-        image = center_crop(_decode(ex["image"], source.encoded, config.channels), config.image_size,
-                            config.eval_crop_ratio)
+        image = _decode(ex["image"], source.encoded, config.channels)
+        if transform == "resize":  # CBM's official eval: the same squashing Resize as training, no crop.
+            image = _resize(image, config.image_size)
+        else:
+            image = center_crop(image, config.image_size, config.eval_crop_ratio)
         image.set_shape((config.image_size, config.image_size, config.channels))
         return {"image": image, "label": ex["label"], "mask": tf.constant(1, tf.int32)}
 

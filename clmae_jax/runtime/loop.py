@@ -106,10 +106,13 @@ class Run:
 
     def restore_or(self, state):
         """The latest checkpointed state in the workdir, or `state` when there is none."""
+        return self.restore_with_metadata_or(state)[0]
+
+    def restore_with_metadata_or(self, state) -> tuple[object, dict]:
+        """(state, metadata) of the latest checkpoint in the workdir, or (`state`, {}) when there is none."""
         if self.checkpointer.latest_step() is None:
-            return state
-        restored, _ = self.checkpointer.restore(state)
-        return restored
+            return state, {}
+        return self.checkpointer.restore(state)
 
     def batches(self, start_step: int):
         """Global training batches on the mesh, starting at `start_step` of the deterministic stream."""
@@ -149,8 +152,8 @@ class Run:
         self.checkpointer.close()
 
 
-def fixed_batch(config, num: int) -> np.ndarray:
-    """The first `num` eval images, un-augmented: the same pictures at every summary step."""
-    source = data.load_source(config.input, config.input.eval_split)
+def fixed_batch(config, num: int, split: str | None = None) -> np.ndarray:
+    """The first `num` images of `split` (default: the eval split), un-augmented: the same pictures every time."""
+    source = data.load_source(config.input, split or config.input.eval_split)
     iterator, _ = data.eval_iterator(config.input, source, num)
     return next(iterator)["image"]

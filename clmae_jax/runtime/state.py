@@ -15,9 +15,9 @@ class TrainState:
     model_state: Any = flax.core.FrozenDict()
 
 
-def create_state(init_fn, sharding):
-    """Runs `init_fn() -> TrainState` under jit so parameters are born on the devices, in `sharding`."""
-    return jax.jit(init_fn, out_shardings=sharding)()
+def create_state(init_fn, sharding, *args):
+    """Runs `init_fn(*args) -> TrainState` under jit so parameters are born on the devices, in `sharding`."""
+    return jax.jit(init_fn, out_shardings=sharding)(*args)
 
 
 def tree_size(tree) -> int:
