@@ -9,7 +9,10 @@ import main
 from conftest import ROOT
 
 CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("__init__.py"))
-VARIANTS = {"mae_vitb.py": ["clmae_budget"], "mae_fashion_mnist.py": ["test"], "clmae_fashion_mnist.py": ["test"]}
+VARIANTS = {"mae_vitb.py": ["clmae_budget"], "mae_fashion_mnist.py": ["test"], "clmae_fashion_mnist.py": ["test"],
+            "cbm_fashion_mnist.py": ["test", "baseline", "random", "baseline,test"],
+            "cbm_paper.py": ["cvt13,food101,baseline", "wrn_52_2,cifar10,random"],
+            "cbm_resnet18_cifar100.py": ["baseline", "random"], "cbm_vit_cifar100.py": ["baseline"]}
 
 
 def load(path, variant=""):
@@ -22,7 +25,10 @@ def test_config_loads(path):
     for variant in [""] + VARIANTS.get(os.path.basename(path), []):
         config = load(path, variant)
         assert config.experiment in main.EXPERIMENTS
-        assert config.input.image_size % config.model.patch_size == 0
+        if "patch_size" in config.model:
+            assert config.input.image_size % config.model.patch_size == 0
+        if config.experiment == "cbm":
+            assert config.input.image_size % config.cbm.grid == 0
         assert config.batch_size % max(config.get("grad_accum_steps", 1), 1) == 0
 
 

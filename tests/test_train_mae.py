@@ -112,9 +112,3 @@ def test_corrupt_checkpoint_is_reported_and_left_in_place(tmp_path, run_main):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and "cannot be restored" in last and "delete that step folder" in last
     assert os.path.isdir(state_dir)
-
-
-def test_cbm_experiment_reports_not_implemented(tmp_path, run_main):
-    proc = run_main(str(tmp_path), CONFIG, "--config.experiment=cbm", check=False)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode != 0 and last.startswith("error: The CBM supervised trainer is not implemented yet")
