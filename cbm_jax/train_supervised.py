@@ -215,7 +215,7 @@ def train_and_evaluate(config, workdir: str):
         if step % config.image_every_steps == 0 or step == last:
             grids = masking_grids(config, images_for_summary, jax.random.PRNGKey(step), patches[epoch])
             metrics.write_images(run.writer, workdir, step, grids)
-        if step % run.steps_per_epoch == 0 or step == last:
+        if step % run.steps_per_epoch == 0 or step == run.total_steps:  # Not at a preemption stop: same results.
             test = evaluate(eval_step, state, config, test_source, run.mesh)
             if test["test_accuracy"] > results.get("best_test_accuracy", -1.0):
                 results.update(best_test_accuracy=test["test_accuracy"], best_epoch=epoch + 1)

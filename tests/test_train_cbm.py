@@ -196,6 +196,7 @@ def test_resume_equals_uninterrupted_and_keeps_results(tmp_path, run_main, scala
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     run_main(straight, CONFIG)
     run_main(resumed, CONFIG, "--config.stop_after_steps=2")
+    assert not os.path.exists(os.path.join(resumed, "results.json"))  # Only whole epochs and the end evaluate.
     run_main(resumed, CONFIG)
     assert_trees_close(load_params(straight, 4), load_params(resumed, 4), atol=1e-6)
     with open(os.path.join(straight, "results.json")) as f, open(os.path.join(resumed, "results.json")) as g:
