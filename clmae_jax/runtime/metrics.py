@@ -22,9 +22,14 @@ def to_host(tree) -> dict:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def image_grid(columns: list, pad: int = 2) -> np.ndarray:
-    """Tiles equally shaped [N,H,W,C] float images in [0,1]: one row per sample, one column per list entry."""
-    columns = [np.clip(np.asarray(c, np.float32), 0, 1) for c in columns]
+def image_grid(columns: list, pad: int = 2, min_size: int = 96) -> np.ndarray:
+    """Tiles equally shaped [N,H,W,C] float images in [0,1]: one row per sample, one column per list entry.
+
+    Images smaller than `min_size` pixels are enlarged by an integer factor (nearest neighbour), so 28 px
+    Fashion-MNIST stays readable with its patch and cell boundaries sharp.
+    """
+    scale = max(1, min_size // np.shape(columns[0])[1])
+    columns = [np.clip(np.asarray(c, np.float32), 0, 1).repeat(scale, axis=1).repeat(scale, axis=2) for c in columns]
     n, h, w, c = columns[0].shape
     grid = np.ones((n * (h + pad) + pad, len(columns) * (w + pad) + pad, c), np.float32)
     for j, col in enumerate(columns):
