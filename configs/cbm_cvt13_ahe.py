@@ -1,4 +1,4 @@
-"""CBM paper experiment: CvT-13 (ImageNet-1k weights) on Architectural Heritage Elements (recipe in configs/cbm_paper.py).
+"""CBM paper experiment: CvT-13 (ImageNet-1k weights) on Architectural Heritage Elements (configs/cbm_paper.py).
 
     python main.py --config=configs/cbm_cvt13_ahe.py[:baseline|:random] --workdir=DIR
 """
