@@ -145,7 +145,8 @@ def evaluate(eval_step, state, config, source, mesh) -> dict:
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
     for batch in mesh_lib.prefetch_to_mesh(iterator, mesh):
         totals = {k: totals[k] + float(v) for k, v in jax.device_get(eval_step(state, batch)).items()}
-    return {"test_accuracy": totals["correct"] / totals["count"], "test_loss": totals["loss"] / totals["count"]}
+    return {"test_accuracy": totals["correct"] / totals["count"], "test_loss": totals["loss"] / totals["count"],
+            "test_examples": totals["count"]}
 
 
 def masking_grids(config, images, rng, num_masked: int) -> dict:

@@ -1,5 +1,5 @@
 """MAE training end to end through main.py on real Fashion-MNIST: device-count invariance, exact resume,
-learning, multi-process, and the errors a user sees."""
+learning, multi-process (MAE and CBM), and the errors a user sees."""
 import os
 import socket
 import subprocess
@@ -63,14 +63,15 @@ def test_real_training_lowers_the_loss(tmp_path, run_main, scalars):
     assert scalars(workdir, "steps_per_sec")
 
 
-def test_two_processes_on_localhost(tmp_path):
+@pytest.mark.parametrize("config", [CONFIG, "cbm_fashion_mnist.py:test"])
+def test_two_processes_on_localhost(tmp_path, config, scalars):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     workdir = str(tmp_path / "multi")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = [subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "main.py"), f"--config={ROOT}/configs/{CONFIG}", f"--workdir={workdir}",
+        [sys.executable, os.path.join(ROOT, "main.py"), f"--config={ROOT}/configs/{config}", f"--workdir={workdir}",
          "--config.total_steps=2", "--config.log_every_steps=1", f"--coordinator_address=127.0.0.1:{port}",
          "--num_processes=2", f"--process_id={i}"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -81,6 +82,8 @@ def test_two_processes_on_localhost(tmp_path):
         assert "batch 16 global, 8 per process, 4 per device" in log
     params = load_params(workdir, 2)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    if config.startswith("cbm"):  # Each process evaluated its half of the test split, padding excluded.
+        assert scalars(workdir, "test_examples") == {2: 10_000.0}
 
 
 def test_unknown_config_key_is_one_clear_line(tmp_path, run_main):
