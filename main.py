@@ -1,6 +1,7 @@
 """Entry point: python main.py --config=configs/NAME.py --workdir=DIR [--config.KEY=VALUE ...].
 
-The config's `experiment` field chooses what runs: "mae", "clmae" or "cbm".
+The config's `experiment` field chooses what runs: "mae", "clmae", "cbm" (training) or "cbm_eval" (the test
+accuracy of the latest checkpoint in the workdir).
 """
 import importlib
 import json
@@ -11,10 +12,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-EXPERIMENTS = {
-    "mae": "clmae_jax.train_mae",
-    "clmae": "clmae_jax.train_clmae",
-    "cbm": "cbm_jax.train_supervised",
+EXPERIMENTS = {  # config.experiment -> (module, function(config, workdir)).
+    "mae": ("clmae_jax.train_mae", "train_and_evaluate"),
+    "clmae": ("clmae_jax.train_clmae", "train_and_evaluate"),
+    "cbm": ("cbm_jax.train_supervised", "train_and_evaluate"),
+    "cbm_eval": ("cbm_jax.train_supervised", "evaluate_checkpoint"),
 }
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "mae_fashion_mnist.py")
@@ -77,7 +79,8 @@ def main(argv):
     logging.info("Config:\n%s", config)
     from clmae_jax.runtime.checkpoint import CheckpointError
     try:
-        importlib.import_module(EXPERIMENTS[config.experiment]).train_and_evaluate(config, flags.FLAGS.workdir)
+        module, function = EXPERIMENTS[config.experiment]
+        getattr(importlib.import_module(module), function)(config, flags.FLAGS.workdir)
     except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError, NotImplementedError) as e:
         # Bad input or a diverged run: the message names the problem and the fix; a traceback would bury it.
         sys.exit(f"error: {one_line(e)}")

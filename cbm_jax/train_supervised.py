@@ -161,11 +161,45 @@ def masking_grids(config, images, rng, num_masked: int) -> dict:
     return {"cbm_masks": metrics.image_grid([np.asarray(x) for x in columns])}
 
 
-def write_results(workdir: str, results: dict):
-    """Writes workdir/results.json (process 0)."""
+def write_results(workdir: str, results: dict, name: str = "results.json"):
+    """Writes workdir/name as JSON (process 0)."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
+        with open(os.path.join(workdir, name), "w") as f:
             json.dump(results, f, indent=2)
+
+
+def initial_state(config, run, model, tx):
+    """The train state of a fresh run (random or imported weights), on the mesh, replicated."""
+
+    def init(variables):
+        params = variables["params"]
+        model_state = {k: v for k, v in variables.items() if k != "params"}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          model_state=model_state)
+
+    variables = init_variables(model, config, run.source.num_classes)
+    return create_state(init, mesh_lib.replicated(run.mesh), variables)
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+    """Test accuracy and loss of the latest checkpoint in `workdir`, unmasked; also written to eval_results.json."""
+    run = loop.Run.create(config, workdir)
+    if run.checkpointer.latest_step() is None:
+        raise FileNotFoundError(f"No checkpoint in {run.checkpointer.directory}; point --workdir at a CBM training "
+                                "run of this config.")
+    model = build_classifier(config, run.source.num_classes)
+    tx = optim.make_optimizer(config.optimizer, run.learning_rate()[1])
+    template_config = config.copy_and_resolve_references()
+    template_config.model.init_from = ""  # The checkpoint replaces any imported weights: don't read them.
+    state = run.restore_or(initial_state(template_config, run, model, tx))
+    test_source = data.load_source(config.input, config.input.eval_split)
+    test = evaluate(jax.jit(make_eval_step(model, config)), state, config, test_source, run.mesh)
+    test["step"] = int(state.step)
+    logging.info("checkpoint at step %d: test accuracy %.4f, loss %.4f on %d images", test["step"],
+                 test["test_accuracy"], test["test_loss"], test["test_examples"])
+    write_results(workdir, test, "eval_results.json")
+    run.close()
+    return test
 
 
 def train_and_evaluate(config, workdir: str):
@@ -180,19 +214,11 @@ def train_and_evaluate(config, workdir: str):
     patches = [num_masked_patches(r, num_cells) for r in ratios]
     logging.info("CBM %s/%s masking, cells masked per epoch: %s", config.cbm.schedule, config.cbm.salience, patches)
 
-    # Model and optimizer.
+    # Model, optimizer, state.
     model = build_classifier(config, run.source.num_classes)
     lr, lr_schedule = run.learning_rate()
     tx = optim.make_optimizer(config.optimizer, lr_schedule)
-
-    def init(variables):
-        params = variables["params"]
-        model_state = {k: v for k, v in variables.items() if k != "params"}
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          model_state=model_state)
-
-    variables = init_variables(model, config, run.source.num_classes)
-    state, metadata = run.restore_with_metadata_or(create_state(init, replicated, variables))
+    state, metadata = run.restore_with_metadata_or(initial_state(config, run, model, tx))
     start_step = int(state.step)
     results = metadata.get("results", {})
     logging.info("%s with %.2fM parameters, lr %.3g, starting at step %d", config.model.name,

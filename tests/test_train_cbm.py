@@ -202,8 +202,19 @@ def test_resume_equals_uninterrupted_and_keeps_results(tmp_path, run_main, scala
     with open(os.path.join(straight, "results.json")) as f, open(os.path.join(resumed, "results.json")) as g:
         results, resumed_results = json.load(f), json.load(g)
     assert results == resumed_results and set(results) >= {"best_test_accuracy", "final_test_accuracy"}
+    run_main(straight, CONFIG, "--config.experiment=cbm_eval")
+    with open(os.path.join(straight, "eval_results.json")) as f:
+        evaluated = json.load(f)
+    assert (evaluated["step"], evaluated["test_examples"]) == (4, 10_000)
+    assert evaluated["test_accuracy"] == results["final_test_accuracy"]
     assert scalars(straight, "masked_patches") == {4: 1.0}
     assert any(name.startswith("cbm_masks_") for name in os.listdir(os.path.join(straight, "images")))
+
+
+def test_evaluating_without_a_checkpoint_is_one_clear_line(tmp_path, run_main):
+    proc = run_main(str(tmp_path), CONFIG, "--config.experiment=cbm_eval", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("error: No checkpoint in ") and "--workdir" in last
 
 
 def test_missing_cvt_weights_is_one_clear_line(tmp_path, run_main):
