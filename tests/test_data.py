@@ -91,6 +91,29 @@ def test_image_folder_source(tmp_path):
     assert sum(int(b["mask"].sum()) for b in evals) == 4
 
 
+def test_image_folder_finds_nested_images_and_eval_resize_matches_training(tmp_path):
+    # Tiny ImageNet's layout: train/<wnid>/images/*.JPEG beside a boxes file.
+    rng = np.random.default_rng(0)
+    for name in ("n01", "n02"):
+        os.makedirs(tmp_path / "train" / name / "images")
+        (tmp_path / "train" / name / f"{name}_boxes.txt").write_text("")
+        for i in range(2):
+            pixels = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "train" / name / "images" / f"{name}_{i}.JPEG")
+    config = fmnist_input(source="image_folder", data_dir=str(tmp_path), train_split="train", eval_split="train",
+                          image_size=16, channels=3, augment="none", eval_transform="resize", shuffle_buffer=1)
+    source = data.load_source(config, "train")
+    assert (source.num_examples, source.num_classes) == (4, 2)
+    # A non-square image is squashed to 16x16 (the train transform), not centre-cropped.
+    train = next(data.train_iterator(config, source, 4, seed=0))
+    evals = next(data.eval_iterator(config, source, 4)[0])
+    train_images = sorted(train["image"].tobytes()[i * 768:(i + 1) * 768] for i in range(4))
+    assert train_images == sorted(evals["image"].tobytes()[i * 768:(i + 1) * 768] for i in range(4))
+    config.eval_transform = "crop"
+    with pytest.raises(ValueError, match="eval_transform"):
+        data.eval_iterator(config, source, 4)
+
+
 def test_missing_dataset_errors_name_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         data.load_source(fmnist_input(data_dir=str(tmp_path)), "train")
