@@ -4,7 +4,6 @@ The config's `experiment` field chooses what runs: "mae", "clmae", "cbm" (traini
 accuracy of the latest checkpoint in the workdir).
 """
 import importlib
-import json
 import os
 import sys
 

@@ -21,7 +21,6 @@ CBM's MaskIn layer is not part of this model: the training step masks the normal
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
