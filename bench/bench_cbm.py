@@ -25,7 +25,6 @@ import optax  # noqa: E402
 from cbm_jax import train_supervised as cbm  # noqa: E402
 from cbm_jax.masking import num_masked_patches  # noqa: E402
 from clmae_jax.runtime import optim  # noqa: E402
-from clmae_jax.runtime.state import TrainState  # noqa: E402
 from configs import cbm_fashion_mnist, cbm_paper  # noqa: E402
 
 flags.DEFINE_list("cases", ["fashion_mnist", "resnet18:cifar100"], "fashion_mnist or MODEL:DATASET of cbm_paper.")
@@ -66,9 +65,7 @@ def bench_case(case: str) -> dict:
     variables = cbm.init_variables(model, config, 10)
     lr_schedule = optax.constant_schedule(config.optimizer.lr)
     tx = optim.make_optimizer(config.optimizer, lr_schedule)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       opt_state=tx.init(variables["params"]),
-                       model_state={k: v for k, v in variables.items() if k != "params"})
+    state = cbm.fresh_state(variables, tx)
     step = jax.jit(cbm.make_train_step(model, tx, lr_schedule, config), static_argnums=2)
     masking = jax.jit(lambda x, rng, k: cbm.masked_inputs(config, x, rng, k), static_argnums=2)
     k = max(num_masked_patches(r, config.cbm.grid**2) for r in cbm.masking_ratios(config, 5))

@@ -168,17 +168,18 @@ def write_results(workdir: str, results: dict, name: str = "results.json"):
             json.dump(results, f, indent=2)
 
 
+def fresh_state(variables: dict, tx) -> TrainState:
+    """Step 0 of model `variables`: params are trained, every other collection (batch_stats) is model state."""
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      model_state=model_state)
+
+
 def initial_state(config, run, model, tx):
     """The train state of a fresh run (random or imported weights), on the mesh, replicated."""
-
-    def init(variables):
-        params = variables["params"]
-        model_state = {k: v for k, v in variables.items() if k != "params"}
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          model_state=model_state)
-
     variables = init_variables(model, config, run.source.num_classes)
-    return create_state(init, mesh_lib.replicated(run.mesh), variables)
+    return create_state(lambda v: fresh_state(v, tx), mesh_lib.replicated(run.mesh), variables)
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:

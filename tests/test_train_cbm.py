@@ -11,7 +11,6 @@ import pytest
 
 from cbm_jax import train_supervised as cbm
 from clmae_jax.runtime import data
-from clmae_jax.runtime.state import TrainState
 from configs import cbm_fashion_mnist, cbm_paper
 from test_train_mae import assert_trees_close, load_params
 
@@ -74,8 +73,7 @@ def setup(config):
     model = cbm.build_classifier(config, 10)
     variables = cbm.init_variables(model, config, 10)
     tx = optax.sgd(0.1)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       opt_state=tx.init(variables["params"]), model_state={"batch_stats": variables["batch_stats"]})
+    state = cbm.fresh_state(variables, tx)
     train_step = jax.jit(cbm.make_train_step(model, tx, optax.constant_schedule(0.1), config), static_argnums=2)
     return model, state, train_step, jax.jit(cbm.make_eval_step(model, config))
 
@@ -130,9 +128,7 @@ def test_every_model_takes_a_cbm_step(name):
     model = cbm.build_classifier(config, 10)
     variables = cbm.init_variables(model, config, 10)
     tx = optax.sgd(0.01)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                       opt_state=tx.init(variables["params"]),
-                       model_state={k: v for k, v in variables.items() if k != "params"})
+    state = cbm.fresh_state(variables, tx)
     step = jax.jit(cbm.make_train_step(model, tx, optax.constant_schedule(0.01), config), static_argnums=2)
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)), jnp.uint8)
     new_state, measurements = step(state, labelled_batch(images), 3)
