@@ -1,7 +1,7 @@
 """Entry point: python main.py --config=configs/NAME.py --workdir=DIR [--config.KEY=VALUE ...].
 
-The config's `experiment` field chooses what runs: "mae", "clmae", "cbm" (training) or "cbm_eval" (the test
-accuracy of the latest checkpoint in the workdir).
+The config's `experiment` field chooses what runs: "mae", "clmae", "cbm" (training), "cbm_eval" (the test
+accuracy of the latest checkpoint in the workdir) or "eval" (kNN / linear probe / few-shot of a pretrained encoder).
 """
 import importlib
 import os
@@ -16,6 +16,7 @@ EXPERIMENTS = {  # config.experiment -> (module, function(config, workdir)).
     "clmae": ("clmae_jax.train_clmae", "train_and_evaluate"),
     "cbm": ("cbm_jax.train_supervised", "train_and_evaluate"),
     "cbm_eval": ("cbm_jax.train_supervised", "evaluate_checkpoint"),
+    "eval": ("clmae_jax.evaluate.run", "evaluate_encoder"),
 }
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "mae_fashion_mnist.py")
@@ -77,11 +78,13 @@ def main(argv):
         f.write(config.to_json_best_effort(indent=2))
     logging.info("Config:\n%s", config)
     from clmae_jax.runtime.checkpoint import CheckpointError
+    from clmae_jax.runtime.errors import UserError
     try:
         module, function = EXPERIMENTS[config.experiment]
         getattr(importlib.import_module(module), function)(config, flags.FLAGS.workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointError, NotImplementedError) as e:
+    except (UserError, FloatingPointError, CheckpointError, NotImplementedError) as e:
         # Bad input or a diverged run: the message names the problem and the fix; a traceback would bury it.
+        # Other errors (shape bugs, crashes) keep their traceback.
         sys.exit(f"error: {one_line(e)}")
 
 

@@ -7,6 +7,8 @@ every channel of the normalised input. Cells are indexed row-major (row * grid +
 import jax
 import jax.numpy as jnp
 
+from clmae_jax.runtime.errors import UserError
+
 MIN_RATIO = 0.07  # Official floor for any non-zero ratio: at least one of 16 cells is masked.
 
 
@@ -14,7 +16,7 @@ def num_masked_patches(ratio, num_patches):
     """Official k = int(num_patches * max(ratio, 0.07)) for ratio > 0, else 0 (a Python int: static under jit)."""
     ratio = float(ratio)
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"Masking ratio must be in [0, 1], got {ratio}; fix the masking schedule.")
+        raise UserError(f"Masking ratio must be in [0, 1], got {ratio}; fix the masking schedule.")
     return int(num_patches * max(ratio, MIN_RATIO)) if ratio > 0 else 0
 
 
@@ -32,7 +34,7 @@ def sample_patches(rng, probs, k):
     cells (torch.multinomial raises instead); a flat cell of a mostly flat image is the realistic case.
     """
     if not 0 <= k <= probs.shape[-1]:
-        raise ValueError(f"Cannot draw k={k} distinct cells out of {probs.shape[-1]}; use 0 <= k <= {probs.shape[-1]}.")
+        raise UserError(f"Cannot draw k={k} distinct cells out of {probs.shape[-1]}; use 0 <= k <= {probs.shape[-1]}.")
     gumbel = jax.random.gumbel(rng, probs.shape, jnp.float32)
     # log(p) >= -104 for any positive float32, |gumbel| < 20: a -1e3 offset ranks zero-mass cells last, in random order.
     keys = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)) + gumbel, gumbel - 1e3)
@@ -42,8 +44,8 @@ def sample_patches(rng, probs, k):
 def patch_mask(indices, grid, height, width):
     """Multiplicative mask [B,H,W,1] float32: 0 on the cells in `indices` [B,k], 1 elsewhere."""
     if height % grid or width % grid:
-        raise ValueError(f"Image size {height}x{width} is not divisible by the {grid}x{grid} patch grid; "
-                         f"resize the images to a multiple of {grid} or change the grid.")
+        raise UserError(f"Image size {height}x{width} is not divisible by the {grid}x{grid} patch grid; "
+                        f"resize the images to a multiple of {grid} or change the grid.")
     masked = jax.nn.one_hot(indices, grid * grid, dtype=jnp.float32).sum(axis=1) > 0  # [B, grid^2]
     keep = (~masked).astype(jnp.float32).reshape(-1, grid, 1, grid, 1)
     cells = jnp.broadcast_to(keep, (keep.shape[0], grid, height // grid, grid, width // grid))

@@ -6,6 +6,8 @@ device, on un-normalised pixels (any scale: the normalisation to a distribution 
 """
 import jax.numpy as jnp
 
+from clmae_jax.runtime.errors import UserError
+
 
 def sobel_magnitude(images):
     """Per-channel 3x3 Sobel magnitude sqrt(dx^2 + dy^2), as cv2.Sobel; [B,H,W,C] -> [B,H,W,C] float32."""
@@ -22,8 +24,8 @@ def patch_salience(images, grid=4):
     """p_i = m_i / sum_j m_j, m_i the mean Sobel magnitude of cell i (row-major); [B,H,W,C] -> [B,grid^2] float32."""
     b, h, w, c = images.shape
     if h % grid or w % grid:
-        raise ValueError(f"Image size {h}x{w} is not divisible by the {grid}x{grid} patch grid; "
-                         f"resize the images to a multiple of {grid} or change the grid.")
+        raise UserError(f"Image size {h}x{w} is not divisible by the {grid}x{grid} patch grid; "
+                        f"resize the images to a multiple of {grid} or change the grid.")
     magnitude = sobel_magnitude(images).reshape(b, grid, h // grid, grid, w // grid, c)
     cell_means = magnitude.mean(axis=(2, 4, 5)).reshape(b, grid * grid)
     total = cell_means.sum(axis=1, keepdims=True)

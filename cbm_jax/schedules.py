@@ -11,16 +11,18 @@ import numbers
 
 import numpy as np
 
+from clmae_jax.runtime.errors import UserError
+
 # (r_min, r_max) of the official linear-repeat curricula: "40" masks 1,2,3,4,6 of 16 cells, "60" masks 1,3,5,7,9.
 LIN_REPEAT_PRESETS = {"40": (0.07, 0.4036067977500615), "60": (0.1, 0.6036067977500615)}
 
 
 def _check(epochs, min_epochs, *ratios):
     if epochs < min_epochs:
-        raise ValueError(f"This masking schedule needs at least {min_epochs} epochs, got {epochs}.")
+        raise UserError(f"This masking schedule needs at least {min_epochs} epochs, got {epochs}.")
     if not all(isinstance(r, numbers.Real) and 0 <= r <= 1 for r in ratios) or sorted(ratios) != list(ratios):
-        raise ValueError(f"Masking ratios must be numbers with 0 <= r_min <= r_max <= 1, got {ratios}; "
-                         f"set r_min/r_max or a preset from {sorted(LIN_REPEAT_PRESETS)}.")
+        raise UserError(f"Masking ratios must be numbers with 0 <= r_min <= r_max <= 1, got {ratios}; "
+                        f"set r_min/r_max or a preset from {sorted(LIN_REPEAT_PRESETS)}.")
 
 
 def _hold(values, epochs):
@@ -78,9 +80,9 @@ def masking_schedule(name, epochs, r_min=None, r_max=None, preset=None):
     """Ratios for 0-based epochs 0..epochs-1 of a named schedule; `preset` ("40"/"60") sets r_min and r_max."""
     if preset is not None:
         if preset not in LIN_REPEAT_PRESETS:
-            raise ValueError(f"Unknown masking preset {preset!r}; choose one of {sorted(LIN_REPEAT_PRESETS)}.")
+            raise UserError(f"Unknown masking preset {preset!r}; choose one of {sorted(LIN_REPEAT_PRESETS)}.")
         if r_min is not None or r_max is not None:
-            raise ValueError(f"Give either preset={preset!r} or r_min/r_max, not both.")
+            raise UserError(f"Give either preset={preset!r} or r_min/r_max, not both.")
         r_min, r_max = LIN_REPEAT_PRESETS[preset]
     builders = {
         "linear_repeat": lambda: linear_repeat(r_min, r_max, epochs),
@@ -92,5 +94,5 @@ def masking_schedule(name, epochs, r_min=None, r_max=None, preset=None):
         "none": lambda: none(epochs),
     }
     if name not in builders:
-        raise ValueError(f"Unknown masking schedule {name!r}; choose one of {sorted(builders)}.")
+        raise UserError(f"Unknown masking schedule {name!r}; choose one of {sorted(builders)}.")
     return builders[name]()

@@ -25,6 +25,7 @@ from cbm_jax.schedules import masking_schedule
 from clmae_jax.models.vit import ViTClassifier, vit_size
 from clmae_jax.runtime import data, loop, mesh as mesh_lib, metrics, optim
 from clmae_jax.runtime.state import TrainState, create_state, tree_size
+from clmae_jax.runtime.errors import MissingInputError, UserError
 
 MODELS = ("resnet18", "wrn_52_2", "cvt13", "vit")
 
@@ -40,7 +41,7 @@ def build_classifier(config, num_classes: int) -> flax.linen.Module:
         return CvT(num_classes, **CVT_13, dtype=dtype)
     if m.name == "vit":
         return ViTClassifier(num_classes, patch_size=m.patch_size, **vit_size(m.size), pool=m.pool, dtype=dtype)
-    raise ValueError(f"Unknown config.model.name {m.name!r}; use one of {', '.join(MODELS)}.")
+    raise UserError(f"Unknown config.model.name {m.name!r}; use one of {', '.join(MODELS)}.")
 
 
 def init_variables(model, config, num_classes: int) -> dict:
@@ -48,10 +49,10 @@ def init_variables(model, config, num_classes: int) -> dict:
     path = config.model.get("init_from")
     if path:
         if config.model.name != "cvt13":
-            raise ValueError(f"config.model.init_from loads PyTorch CvT-13 weights only, not {config.model.name!r}; "
-                             "clear it or use model.name='cvt13'.")
+            raise UserError(f"config.model.init_from loads PyTorch CvT-13 weights only, not {config.model.name!r}; "
+                            "clear it or use model.name='cvt13'.")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"CvT weights {path} not found; download CvT-13-224x224-IN-1k.pth (microsoft/CvT "
+            raise MissingInputError(f"CvT weights {path} not found; download CvT-13-224x224-IN-1k.pth (microsoft/CvT "
                                     "model zoo) and set config.model.init_from to it, or '' to train from scratch.")
         from cbm_jax.interop.cvt_torch import load_cvt_torch_checkpoint
         return load_cvt_torch_checkpoint(path, num_classes, seed=config.seed)
@@ -73,7 +74,7 @@ def cell_probabilities(config, images):
     if c.salience == "uniform":
         return uniform_probs(images.shape[0], c.grid**2)
     if c.salience != "sobel":
-        raise ValueError(f"Unknown config.cbm.salience {c.salience!r}; use 'sobel' or 'uniform'.")
+        raise UserError(f"Unknown config.cbm.salience {c.salience!r}; use 'sobel' or 'uniform'.")
     pixels = images.astype(jnp.float32)
     if c.salience_size and c.salience_size != images.shape[1]:
         # The official code measures CIFAR salience on a 64 px resize (PIL bicubic) of the 32 px image.
@@ -186,7 +187,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     """Test accuracy and loss of the latest checkpoint in `workdir`, unmasked; also written to eval_results.json."""
     run = loop.Run.create(config, workdir)
     if run.checkpointer.latest_step() is None:
-        raise FileNotFoundError(f"No checkpoint in {run.checkpointer.directory}; point --workdir at a CBM training "
+        raise MissingInputError(f"No checkpoint in {run.checkpointer.directory}; point --workdir at a CBM training "
                                 "run of this config.")
     model = build_classifier(config, run.source.num_classes)
     tx = optim.make_optimizer(config.optimizer, run.learning_rate()[1])

@@ -11,6 +11,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from clmae_jax.runtime.errors import UserError
+
 
 def curriculum_loss(per_patch_error, keep_prob):
     """L_rec = sum((1-m) * e) / sum(1-m): reconstruction error weighted by each patch's removal probability."""
@@ -45,8 +47,8 @@ def diversity_loss(keep_prob, scale: float = 0.1):
     """L_div = mean over pairs i<j of exp(-scale * ||m_i - m_j||_2): penalises similar masks across images."""
     n = keep_prob.shape[0]
     if n < 2:
-        raise ValueError(f"diversity_loss needs at least 2 images per group, got {n}; "
-                         "increase config.clmae.loss_group_size.")
+        raise UserError(f"diversity_loss needs at least 2 images per group, got {n}; "
+                        "increase config.clmae.loss_group_size.")
     m = keep_prob.astype(jnp.float32)
     rows, cols = jnp.triu_indices(n, k=1)
     squared = jnp.sum((m[rows] - m[cols]) ** 2, axis=-1)
@@ -64,13 +66,13 @@ def grouped(loss_fn: Callable, group_size: int) -> Callable:
     number of devices. Keyword arguments of the returned function are passed to `loss_fn` unchanged.
     """
     if group_size < 1:
-        raise ValueError(f"Loss group size must be >= 1, got {group_size}; fix config.clmae.loss_group_size.")
+        raise UserError(f"Loss group size must be >= 1, got {group_size}; fix config.clmae.loss_group_size.")
 
     def group_mean(*arrays, **params):
         batch = arrays[0].shape[0]
         if batch % group_size:
-            raise ValueError(f"Global batch {batch} is not divisible by the loss group size {group_size}; "
-                             "set config.clmae.loss_group_size to a divisor of the global batch.")
+            raise UserError(f"Global batch {batch} is not divisible by the loss group size {group_size}; "
+                            "set config.clmae.loss_group_size to a divisor of the global batch.")
         split = lambda x: x.reshape(batch // group_size, group_size, *x.shape[1:])
         per_group = jax.vmap(lambda *xs: loss_fn(*xs, **params))(*map(split, arrays))
         return jnp.mean(per_group)

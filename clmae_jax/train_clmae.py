@@ -16,19 +16,13 @@ import optax
 from absl import logging
 
 from clmae_jax import curriculum, losses
-from clmae_jax.models.mae import MaskedAutoencoder, mae_loss, num_visible, per_patch_error
-from clmae_jax.models.masker import CurriculumMasker
 from clmae_jax.runtime import data, loop, mesh as mesh_lib, metrics, optim
 from clmae_jax.runtime.state import TrainState, create_state, tree_size
-from clmae_jax.train_mae import build_mae, check_geometry, init_params, masking_columns, random_masked_loss
+from clmae_jax.train_mae import masking_columns
+from clmae_jax.models.clmae import CLMAE, random_masked_loss
+from clmae_jax.runtime.errors import UserError
 
 FREEZE_MODES = ("exact", "official")
-
-
-def build_masker(config) -> CurriculumMasker:
-    """The curriculum masking module at the MAE encoder's width."""
-    return CurriculumMasker(depth=config.clmae.masker_depth, num_heads=config.clmae.masker_heads,
-                            dtype=jnp.dtype(config.model.dtype))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -79,36 +73,6 @@ def mask_statistics(keep_prob, group_size: int) -> dict:
             "mask_distance": losses.grouped(distance, group_size)(keep_prob)}
 
 
-class CLMAE:
-    """The MAE and its masking module, applied the two ways CL-MAE needs."""
-
-    def __init__(self, config):
-        self.config, self.mae, self.masker = config, build_mae(config), build_masker(config)
-        self.num_keep = num_visible(check_geometry(config), config.mae.mask_ratio)
-
-    def init(self, rng):
-        """Parameters of both halves: {"mae", "masker"}."""
-        mae_params = init_params(self.mae, self.config, rng)
-        tokens = jnp.zeros((1, check_geometry(self.config), self.mae.width))
-        return {"mae": mae_params, "masker": self.masker.init(jax.random.fold_in(rng, 1), tokens)["params"]}
-
-    def keep_probabilities(self, params, images):
-        """(tokens, keep-probabilities): the module reads the MAE's patch + position embedding, never trains it."""
-        tokens = self.mae.apply({"params": params["mae"]}, images, method=MaskedAutoencoder.embed)
-        tokens = jax.lax.stop_gradient(tokens)
-        return tokens, self.masker.apply({"params": params["masker"]}, tokens)
-
-    def learned_mask_loss(self, mae_params, images, keep_prob):
-        """MAE loss when the top-k tokens by keep-probability stay visible (the MAE step)."""
-        pred, mask = self.mae.apply({"params": mae_params}, images, keep_prob, self.num_keep)
-        return mae_loss(images, pred, mask, self.config.model.patch_size, self.config.mae.norm_pix_loss), (pred, mask)
-
-    def soft_errors(self, mae_params, tokens, keep_prob, images):
-        """Per-patch errors when every token is scaled by its keep-probability (the masking-module step)."""
-        pred = self.mae.apply({"params": mae_params}, tokens, keep_prob, method=MaskedAutoencoder.reconstruct_soft)
-        return per_patch_error(images, pred, self.config.model.patch_size, self.config.mae.norm_pix_loss)
-
-
 def apply_update(tx, state, half: str, grads, lr, freeze: str, skip_frozen=None):
     """AdamW on `half`; the other half stays bit-identical ('exact') or takes a zero-gradient step ('official').
 
@@ -135,7 +99,7 @@ def apply_update(tx, state, half: str, grads, lr, freeze: str, skip_frozen=None)
 def make_steps(model: CLMAE, tx, lr_schedule, config):
     """(mae_step, masker_step): state, batch[, lambda_cl] -> state, measurements."""
     if config.clmae.freeze not in FREEZE_MODES:
-        raise ValueError(f"Unknown config.clmae.freeze {config.clmae.freeze!r}; use one of {FREEZE_MODES}.")
+        raise UserError(f"Unknown config.clmae.freeze {config.clmae.freeze!r}; use one of {FREEZE_MODES}.")
     normalize = lambda batch: data.normalize(batch["image"], config.input.mean, config.input.std)
     rng = jax.random.PRNGKey(config.seed)  # Neither step samples; accumulation only needs a key to thread.
 

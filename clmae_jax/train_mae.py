@@ -6,42 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from clmae_jax.models.mae import MaskedAutoencoder, denormalize_prediction, mae_loss, num_visible
-from clmae_jax.models.vit import vit_size
+from clmae_jax.models.clmae import build_mae, init_params, random_masked_loss
+from clmae_jax.models.mae import denormalize_prediction
 from clmae_jax.runtime import data, loop, mesh as mesh_lib, metrics, optim
 from clmae_jax.runtime.state import TrainState, create_state, tree_size
-
-
-def build_mae(config) -> MaskedAutoencoder:
-    """The MAE named by config.model (ViT size + decoder) for config.input's image channels."""
-    m = config.model
-    return MaskedAutoencoder(patch_size=m.patch_size, **vit_size(m.size), decoder_width=m.decoder_width,
-                             decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
-                             channels=config.input.channels, dtype=jnp.dtype(m.dtype))
-
-
-def check_geometry(config) -> int:
-    """Number of patches per image; fails early when the image does not tile into patches."""
-    size, patch = config.input.image_size, config.model.patch_size
-    if size % patch:
-        raise ValueError(f"config.input.image_size={size} is not divisible by config.model.patch_size={patch}; "
-                         "change one of them.")
-    return (size // patch) ** 2
-
-
-def init_params(model, config, rng):
-    """Float32 parameters of `model` for config.input's image shape."""
-    shape = (1, config.input.image_size, config.input.image_size, config.input.channels)
-    num_patches = check_geometry(config)
-    return model.init(rng, jnp.zeros(shape), jnp.zeros((1, num_patches)), num_patches // 4)["params"]
-
-
-def random_masked_loss(model, config, params, images, rng):
-    """MAE loss with per-image random masking of config.mae.mask_ratio of the patches."""
-    batch, num_patches = images.shape[0], check_geometry(config)
-    keep_scores = jax.random.uniform(rng, (batch, num_patches))
-    pred, mask = model.apply({"params": params}, images, keep_scores, num_visible(num_patches, config.mae.mask_ratio))
-    return mae_loss(images, pred, mask, config.model.patch_size, config.mae.norm_pix_loss), (pred, mask)
 
 
 def make_train_step(model, tx, lr_schedule, config):

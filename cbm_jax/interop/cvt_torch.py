@@ -20,6 +20,7 @@ from absl import logging
 from flax import traverse_util
 
 from cbm_jax.models.cvt import CVT_13, CvT, dense_init, head_bias_init
+from clmae_jax.runtime.errors import UserError
 
 # Hugging Face -> official names, applied in order: "attention.output.dense" must go before "output.dense".
 HF_TO_OFFICIAL = (
@@ -56,8 +57,8 @@ def checkpoint_format(keys) -> str:
         return "huggingface"
     if any(k.startswith("stage0.patch_embed.") for k in keys):
         return "official"
-    raise ValueError(f"Not a CvT checkpoint: expected official keys ('stage0.patch_embed.proj.weight', ...) or "
-                     f"Hugging Face keys ('cvt.encoder.stages.0...'), got e.g. {keys[:5]}.")
+    raise UserError(f"Not a CvT checkpoint: expected official keys ('stage0.patch_embed.proj.weight', ...) or "
+                    f"Hugging Face keys ('cvt.encoder.stages.0...'), got e.g. {keys[:5]}.")
 
 
 def hf_to_official(state_dict: Mapping[str, Any]) -> dict:
@@ -125,7 +126,7 @@ def load_cvt_torch_checkpoint(path_or_state_dict, num_classes: Optional[int] = N
 
     head_kernel = flat.get(("params", "head", "kernel"))
     if head_kernel is None:
-        raise ValueError("The CvT checkpoint has no classifier head ('head.weight' or 'classifier.weight').")
+        raise UserError("The CvT checkpoint has no classifier head ('head.weight' or 'classifier.weight').")
     width, checkpoint_classes = head_kernel.shape
     if num_classes is not None and num_classes != checkpoint_classes:
         logging.info("CvT checkpoint head has %d classes; re-initialising it for %d classes "
@@ -138,9 +139,9 @@ def load_cvt_torch_checkpoint(path_or_state_dict, num_classes: Optional[int] = N
     expected = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}
     missing, unexpected = expected.keys() - flat.keys(), flat.keys() - expected.keys()
     if missing or unexpected:
-        raise ValueError(f"CvT checkpoint does not match the model config: missing {describe(missing)}, "
-                         f"unexpected {describe(unexpected)}; check the checkpoint or pass its `config`.")
+        raise UserError(f"CvT checkpoint does not match the model config: missing {describe(missing)}, "
+                        f"unexpected {describe(unexpected)}; check the checkpoint or pass its `config`.")
     wrong = [f"{'/'.join(p)}: {flat[p].shape} vs {s}" for p, s in expected.items() if flat[p].shape != s]
     if wrong:
-        raise ValueError(f"CvT checkpoint shapes differ from the model config: {wrong[:5]}; pass its `config`.")
+        raise UserError(f"CvT checkpoint shapes differ from the model config: {wrong[:5]}; pass its `config`.")
     return traverse_util.unflatten_dict(flat)

@@ -27,6 +27,7 @@ import numpy as np
 from clmae_jax.models.vit import Mlp, exact_gelu
 from cbm_jax.models.resnet import batch_norm
 from cbm_jax.models.wide_resnet import torch_default_bias_init, torch_default_kernel_init
+from clmae_jax.runtime.errors import UserError
 
 # Stage layouts of experiments/imagenet/cvt/cvt-{13,21}-224x224.yaml; `CvT(num_classes, **CVT_21)` builds CvT-21.
 CVT_13 = dict(embed_dim=(64, 192, 384), num_heads=(1, 3, 6), depth=(1, 2, 10), drop_path_rate=(0.0, 0.0, 0.1))
@@ -196,11 +197,11 @@ class CvT(nn.Module):
         stages = (self.embed_dim, self.num_heads, self.depth, self.drop_path_rate, self.patch_size,
                   self.patch_stride, self.patch_padding)
         if len({len(s) for s in stages}) != 1:
-            raise ValueError(f"CvT stage settings differ in length: {[tuple(s) for s in stages]}; give one "
-                             "entry per stage to embed_dim, num_heads, depth, drop_path_rate and the patch lists.")
+            raise UserError(f"CvT stage settings differ in length: {[tuple(s) for s in stages]}; give one "
+                            "entry per stage to embed_dim, num_heads, depth, drop_path_rate and the patch lists.")
         if any(width % heads for width, heads in zip(self.embed_dim, self.num_heads)):
-            raise ValueError(f"CvT embed_dim {tuple(self.embed_dim)} must be divisible by num_heads "
-                             f"{tuple(self.num_heads)} stage by stage; change one of them.")
+            raise UserError(f"CvT embed_dim {tuple(self.embed_dim)} must be divisible by num_heads "
+                            f"{tuple(self.num_heads)} stage by stage; change one of them.")
         x, last = images.astype(self.dtype), len(self.depth) - 1
         for i, (width, heads, depth, dpr, patch, stride, pad) in enumerate(zip(*stages)):
             x, cls_token = Stage(width, depth, heads, patch, stride, pad, with_cls_token=i == last,

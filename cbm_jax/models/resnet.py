@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clmae_jax.runtime.errors import UserError
+
 # torch.nn.init.kaiming_normal_(mode='fan_in', nonlinearity='relu') draws from an untruncated normal.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 head_init = nn.initializers.normal(0.01)
@@ -69,8 +71,8 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool):
         if len(self.stage_sizes) != 4 or min(self.stage_sizes) < 1:
-            raise ValueError(f"ResNet needs 4 positive stage sizes, got {tuple(self.stage_sizes)}; "
-                             "use (2, 2, 2, 2) for ResNet-18 or (3, 4, 6, 3) for ResNet-34.")
+            raise UserError(f"ResNet needs 4 positive stage sizes, got {tuple(self.stage_sizes)}; "
+                            "use (2, 2, 2, 2) for ResNet-18 or (3, 4, 6, 3) for ResNet-34.")
         x = nn.Conv(self.width, (3, 3), padding=TORCH_PAD_3X3, use_bias=False, kernel_init=conv_init,
                     dtype=self.dtype, name="conv_stem")(images)
         x = nn.relu(batch_norm(train, self.dtype)(name="bn_stem")(x))

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from cbm_jax.models.resnet import TORCH_PAD_3X3, batch_norm
+from clmae_jax.runtime.errors import UserError
 
 # PyTorch's default Conv2d/Linear weight init, kaiming_uniform(a=sqrt(5)), is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -81,7 +82,7 @@ class WideResNet(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool):
         if self.depth < 10 or (self.depth - 4) % 6:
-            raise ValueError(f"Wide-ResNet depth must be 6n+4 with n >= 1 (10, 16, ..., 52), got {self.depth}.")
+            raise UserError(f"Wide-ResNet depth must be 6n+4 with n >= 1 (10, 16, ..., 52), got {self.depth}.")
         blocks_per_stage = (self.depth - 4) // 6
         x = torch_conv(16, 3, 9 * images.shape[-1], self.dtype, padding=TORCH_PAD_3X3, name="conv_stem")(images)
         for stage, width in enumerate((16, 32, 64)):

@@ -99,14 +99,18 @@ class MaskedAutoencoder(nn.Module):
     mlp_ratio: float = 4.0
     channels: int = 3
     dtype: Any = jnp.float32
+    attention: str = "einsum"  # See vit.Attention.
+    remat: bool = False
 
     def setup(self):
         self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
         self.cls_token = ClsToken()
-        self.encoder = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype)
+        self.encoder = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype,
+                                   attention=self.attention, remat=self.remat)
         self.decoder_embed = nn.Dense(self.decoder_width, kernel_init=dense_init, dtype=self.dtype)
         self.mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.decoder_width))
-        self.decoder = Transformer(self.decoder_depth, self.decoder_heads, self.mlp_ratio, dtype=self.dtype)
+        self.decoder = Transformer(self.decoder_depth, self.decoder_heads, self.mlp_ratio, dtype=self.dtype,
+                                   attention=self.attention, remat=self.remat)
         self.decoder_pred = nn.Dense(self.patch_size ** 2 * self.channels, kernel_init=dense_init, dtype=self.dtype)
 
     def embed(self, images):

@@ -7,8 +7,11 @@ sin-cos position embeddings with a zero embedding for the CLS token.
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+from clmae_jax.runtime.errors import UserError
 
 # Encoder sizes: width, depth, heads (ViT paper, Table 1; tiny from DeiT).
 VIT_SIZES = {
@@ -28,7 +31,7 @@ patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis
 def vit_size(name: str) -> dict:
     """Width, depth and heads of a named ViT size (tiny/small/base/large/huge)."""
     if name not in VIT_SIZES:
-        raise ValueError(f"Unknown ViT size {name!r}; choose one of {sorted(VIT_SIZES)}.")
+        raise UserError(f"Unknown ViT size {name!r}; choose one of {sorted(VIT_SIZES)}.")
     return VIT_SIZES[name]
 
 
@@ -42,7 +45,7 @@ def sincos_1d(width: int, positions: np.ndarray) -> np.ndarray:
 def sincos_2d(width: int, grid_size: int) -> np.ndarray:
     """Fixed 2-D sin-cos position embedding [grid_size**2, width], row-major, as in MAE."""
     if width % 4:
-        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {width}.")
+        raise UserError(f"sin-cos position embeddings need a width divisible by 4, got {width}.")
     rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
     # MAE embeds the column (w) coordinate in the first half and the row (h) in the second.
     emb = np.concatenate([sincos_1d(width // 2, cols), sincos_1d(width // 2, rows)], axis=1)
@@ -60,7 +63,7 @@ class PatchEmbed(nn.Module):
     def __call__(self, images):
         p = self.patch_size
         if images.shape[1] % p or images.shape[2] % p:
-            raise ValueError(
+            raise UserError(
                 f"Image size {images.shape[1]}x{images.shape[2]} is not divisible by patch size {p}; "
                 "change config.input.image_size or config.model.patch_size.")
         x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", kernel_init=patch_init,
@@ -68,22 +71,40 @@ class PatchEmbed(nn.Module):
         return x.reshape(x.shape[0], -1, self.width)
 
 
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+
+
+def einsum_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v over [B, L, H, D] inputs, the softmax in float32."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection (timm layout)."""
+    """Multi-head self-attention with one fused qkv projection (timm layout).
+
+    `implementation`: "einsum" (portable, the reference), or `jax.nn.dot_product_attention` with "xla" or
+    "cudnn" (fused flash attention on recent NVIDIA GPUs, bfloat16/float16 only).
+    """
 
     num_heads: int
     dtype: Any = jnp.float32
+    implementation: str = "einsum"
 
     @nn.compact
     def __call__(self, x):
         batch, length, width = x.shape
-        head_dim = width // self.num_heads
         qkv = nn.Dense(3 * width, kernel_init=dense_init, dtype=self.dtype, name="qkv")(x)
-        q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.num_heads, head_dim), 2, 0)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(self.dtype)
-        weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
-        return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="proj")(out)
+        q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.num_heads, width // self.num_heads), 2, 0)
+        if self.implementation == "einsum":
+            out = einsum_attention(q, k, v)
+        elif self.implementation in ATTENTION_IMPLEMENTATIONS:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        else:
+            raise UserError(f"Unknown config.model.attention {self.implementation!r}; use one of "
+                            f"{ATTENTION_IMPLEMENTATIONS}.")
+        return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="proj")(out.reshape(batch, length, width))
 
 
 def exact_gelu(x):
@@ -114,28 +135,35 @@ class Block(nn.Module):
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x):
         norm = lambda name: nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name=name)
-        x = x + Attention(self.num_heads, dtype=self.dtype, name="attn")(norm("norm1")(x))
+        x = x + Attention(self.num_heads, self.dtype, self.attention, name="attn")(norm("norm1")(x))
         hidden = int(x.shape[-1] * self.mlp_ratio)
         return x + Mlp(hidden, dtype=self.dtype, name="mlp")(norm("norm2")(x))
 
 
 class Transformer(nn.Module):
-    """A stack of `depth` pre-norm blocks followed by a final LayerNorm."""
+    """A stack of `depth` pre-norm blocks followed by a final LayerNorm.
+
+    `remat` recomputes each block's activations in the backward pass: less memory for ViT-L/H, same numbers.
+    """
 
     depth: int
     num_heads: int
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
+    attention: str = "einsum"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x):
+        block = nn.remat(Block) if self.remat else Block
         for i in range(self.depth):
-            x = Block(self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, name=f"block{i}")(x)
+            x = block(self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, self.attention, name=f"block{i}")(x)
         return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x)
 
 

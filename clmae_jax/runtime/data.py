@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from clmae_jax.runtime.errors import MissingInputError, UserError
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -41,7 +43,7 @@ def _read_idx(path: str) -> np.ndarray:
     with opener(path, "rb") as f:
         data = f.read()
     if data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file; reinstall dataset-fashion-mnist.")
+        raise UserError(f"{path} is not an unsigned-byte IDX file; reinstall dataset-fashion-mnist.")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
@@ -52,12 +54,12 @@ def fashion_mnist_idx(split: str, data_dir: str | None) -> Source:
     data_dir = data_dir or FASHION_MNIST_DIR
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
-        raise ValueError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}; fix config.input splits.")
+        raise UserError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}; fix config.input splits.")
     paths = [os.path.join(data_dir, f"{prefix}-{kind}-idx{n}-ubyte") for kind, n in (("images", 3), ("labels", 1))]
     paths = [p if os.path.exists(p) else p + ".gz" for p in paths]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Fashion-MNIST IDX file {missing[0]} not found; install it with `apt-get install dataset-fashion-mnist` "
             f"or point config.input.data_dir at a folder with the IDX files.")
     images, labels = _read_idx(paths[0]), _read_idx(paths[1])
@@ -72,13 +74,13 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"Unknown tfds dataset {name!r}; fix config.input.name.") from e
+        raise UserError(f"Unknown tfds dataset {name!r}; fix config.input.name.") from e
     if not tf.io.gfile.exists(builder.data_dir):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"tfds dataset {name!r} is not prepared in {builder.data_dir}; run `tfds build {name} "
             f"--data_dir=DIR` (ImageNet needs its manual download) and set config.input.data_dir=DIR.")
     if split not in builder.info.splits:
-        raise ValueError(f"tfds dataset {name!r} has splits {list(builder.info.splits)}, not {split!r}.")
+        raise UserError(f"tfds dataset {name!r} has splits {list(builder.info.splits)}, not {split!r}.")
     num_examples = builder.info.splits[split].num_examples
     start, stop = _process_range(num_examples)
     dataset = builder.as_dataset(split=f"{split}[{start}:{stop}]", decoders={"image": tfds.decode.SkipDecoding()})
@@ -90,7 +92,7 @@ def image_folder(split: str, data_dir: str) -> Source:
     """`data_dir/split/<class>/**/<image>` folders (Tiny ImageNet, transfer sets); classes sorted by name."""
     root = os.path.join(data_dir or "", split)
     if not tf.io.gfile.isdir(root):
-        raise FileNotFoundError(f"Image folder {root} not found; set config.input.data_dir to a folder holding "
+        raise MissingInputError(f"Image folder {root} not found; set config.input.data_dir to a folder holding "
                                 f"{split}/<class>/<image> files.")
     classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(os.path.join(root, d)))
     files, labels = [], []
@@ -102,7 +104,7 @@ def image_folder(split: str, data_dir: str) -> Source:
                     files.append(os.path.join(folder, f))
                     labels.append(label)
     if not files:
-        raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/.")
+        raise MissingInputError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/.")
     start, stop = _process_range(len(files))
     dataset = tf.data.Dataset.from_tensor_slices((files[start:stop], np.asarray(labels[start:stop], np.int32)))
     dataset = dataset.map(lambda f, y: {"image": tf.io.read_file(f), "label": y})
@@ -118,7 +120,7 @@ def load_source(config, split: str) -> Source:
         return tfds_source(config.name, split, config.data_dir)
     if kind == "image_folder":
         return image_folder(split, config.data_dir)
-    raise ValueError(f"Unknown config.input.source {kind!r}; use 'tfds', 'fashion_mnist_idx' or 'image_folder'.")
+    raise UserError(f"Unknown config.input.source {kind!r}; use 'tfds', 'fashion_mnist_idx' or 'image_folder'.")
 
 
 def _decode(image, encoded: bool, channels: int):
@@ -173,7 +175,7 @@ def preprocess_train(example, seed, config, encoded: bool):
     elif augment == "none":
         image = _resize(image, config.image_size)
     else:
-        raise ValueError(f"Unknown config.input.augment {augment!r}; use 'mae', 'crop_flip' or 'none'.")
+        raise UserError(f"Unknown config.input.augment {augment!r}; use 'mae', 'crop_flip' or 'none'.")
     if augment != "none":
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     image.set_shape((config.image_size, config.image_size, config.channels))
@@ -184,8 +186,8 @@ def train_iterator(config, source: Source, batch_size: int, seed: int, start_ste
     """Infinite iterator of process-local training batches of `source`, positioned at `start_step`."""
     local_examples = int(source.dataset.cardinality())  # Known for every source: each is a slice of a split.
     if local_examples < batch_size:
-        raise ValueError(f"This process's shard has {local_examples} training examples, fewer than its batch "
-                         f"of {batch_size}; lower config.batch_size.")
+        raise UserError(f"This process's shard has {local_examples} training examples, fewer than its batch "
+                        f"of {batch_size}; lower config.batch_size.")
     first = start_step * batch_size
     start_epoch, offset = divmod(first, local_examples)
 
@@ -208,7 +210,7 @@ def eval_iterator(config, source: Source, batch_size: int):
     num_batches = -(-per_process // batch_size)
     transform = config.get("eval_transform", "center_crop")
     if transform not in ("center_crop", "resize"):
-        raise ValueError(f"Unknown config.input.eval_transform {transform!r}; use 'center_crop' or 'resize'.")
+        raise UserError(f"Unknown config.input.eval_transform {transform!r}; use 'center_crop' or 'resize'.")
 
     def prepare(ex):
         image = _decode(ex["image"], source.encoded, config.channels)

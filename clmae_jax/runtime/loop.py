@@ -11,13 +11,14 @@ import optax
 from absl import logging
 
 from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib, metrics, optim
+from clmae_jax.runtime.errors import UserError
 
 
 def step_budget(config, num_train_examples: int) -> tuple[int, int]:
     """(steps per epoch, total steps): config.total_steps when positive, else epochs x steps per epoch."""
     steps_per_epoch = num_train_examples // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_train_examples} training examples.")
+        raise UserError(f"config.batch_size={config.batch_size} exceeds the {num_train_examples} training examples.")
     total = config.total_steps if config.get("total_steps", 0) > 0 else config.num_epochs * steps_per_epoch
     return steps_per_epoch, total
 
@@ -31,8 +32,8 @@ def accumulate_gradients(loss_and_grad, params, batch: dict, rng, accum_steps: i
         return loss_and_grad(params, batch, rng)
     batch_size = jax.tree.leaves(batch)[0].shape[0]
     if batch_size % accum_steps:
-        raise ValueError(f"The batch of {batch_size} does not split into config.grad_accum_steps={accum_steps} "
-                         "equal micro-batches; choose a divisor.")
+        raise UserError(f"The batch of {batch_size} does not split into config.grad_accum_steps={accum_steps} "
+                        "equal micro-batches; choose a divisor.")
     micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
 
     def body(carry, inputs):

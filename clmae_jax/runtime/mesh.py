@@ -6,6 +6,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from clmae_jax.runtime.errors import UserError
+
 DATA_AXIS = "data"
 
 
@@ -42,8 +44,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def local_batch_size(global_batch_size: int) -> int:
     """This process's share of the global batch; the global batch must split evenly over devices."""
     if global_batch_size % jax.device_count():
-        raise ValueError(f"config.batch_size={global_batch_size} is not divisible by the {jax.device_count()} "
-                         "devices; choose a multiple of the device count.")
+        raise UserError(f"config.batch_size={global_batch_size} is not divisible by the {jax.device_count()} "
+                        "devices; choose a multiple of the device count.")
     return global_batch_size // jax.process_count()
 
 

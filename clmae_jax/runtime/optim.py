@@ -2,6 +2,8 @@
 import jax
 import optax
 
+from clmae_jax.runtime.errors import UserError
+
 
 def decay_mask(params):
     """Weight decay on matrices and kernels only; biases and norm scales (1-D) are exempt, as timm's add_weight_decay."""
@@ -25,7 +27,7 @@ def schedule(config, peak_lr: float, steps_per_epoch: int, total_steps: int) -> 
         return optax.piecewise_constant_schedule(peak_lr, boundaries)
     if config.schedule == "constant":
         return optax.constant_schedule(peak_lr)
-    raise ValueError(f"Unknown config.optimizer.schedule {config.schedule!r}; use 'cosine', 'step' or 'constant'.")
+    raise UserError(f"Unknown config.optimizer.schedule {config.schedule!r}; use 'cosine', 'step' or 'constant'.")
 
 
 def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -39,7 +41,7 @@ def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransfo
     elif config.name == "adamax":
         tx = optax.adamax(lr_schedule)
     else:
-        raise ValueError(f"Unknown config.optimizer.name {config.name!r}; use 'adamw', 'sgd' or 'adamax'.")
+        raise UserError(f"Unknown config.optimizer.name {config.name!r}; use 'adamw', 'sgd' or 'adamax'.")
     if config.get("grad_clip"):
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
     return tx
