@@ -6,12 +6,12 @@ schedule; evaluation never masks. Salience is computed per batch on device from 
 always matches the augmented image (the official code precomputes it once per image, without augmentation,
 which is the same thing when `config.input.augment="none"`, the paper configs' setting).
 """
-import json
 import os
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -22,9 +22,11 @@ from cbm_jax.models.resnet import ResNet
 from cbm_jax.models.wide_resnet import WRN_52_2, WideResNet
 from cbm_jax.salience import patch_salience
 from cbm_jax.schedules import masking_schedule
+from clmae_jax.evaluate.classification import ClassificationEvaluator, make_eval_step as classification_eval_step
 from clmae_jax.models.vit import ViTClassifier, vit_size
-from clmae_jax.runtime import data, loop, mesh as mesh_lib, metrics, optim
-from clmae_jax.runtime.state import TrainState, create_state, tree_size
+from clmae_jax.runtime import data, loop, metrics, optim
+from clmae_jax.runtime.experiment import Experiment
+from clmae_jax.runtime.state import TrainState, tree_size
 from clmae_jax.runtime.errors import MissingInputError, UserError
 
 MODELS = ("resnet18", "wrn_52_2", "cvt13", "vit")
@@ -127,46 +129,19 @@ def make_train_step(model, tx, lr_schedule, config):
 
 def make_eval_step(model, config):
     """state, batch -> summed correct predictions, loss and real examples (padding excluded); never masks."""
-
-    def eval_step(state: TrainState, batch):
-        images = data.normalize(batch["image"], config.input.mean, config.input.std)
-        logits = model.apply({"params": state.params, **state.model_state}, images, train=False)
-        real = batch["mask"].astype(jnp.float32)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        return {"correct": jnp.sum((logits.argmax(-1) == batch["label"]) * real), "loss": jnp.sum(loss * real),
-                "count": jnp.sum(real)}
-
-    return eval_step
-
-
-def evaluate(eval_step, state, config, source, mesh) -> dict:
-    """Test accuracy and loss over the whole split (every process runs the same number of batches)."""
-    local = mesh_lib.local_batch_size(config.eval_batch_size)
-    iterator, _ = data.eval_iterator(config.input, source, local)
-    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for batch in mesh_lib.prefetch_to_mesh(iterator, mesh):
-        totals = {k: totals[k] + float(v) for k, v in jax.device_get(eval_step(state, batch)).items()}
-    return {"test_accuracy": totals["correct"] / totals["count"], "test_loss": totals["loss"] / totals["count"],
-            "test_examples": totals["count"]}
+    apply_logits = lambda state, images: model.apply({"params": state.params, **state.model_state}, images,
+                                                     train=False)
+    return classification_eval_step(apply_logits, config)
 
 
 def masking_grids(config, images, rng, num_masked: int) -> dict:
     """Pictures of uint8 `images`: original | salience of each cell (white = most likely masked) | masked input."""
     probs, masked = cell_probabilities(config, images), masked_inputs(config, images, rng, num_masked)
-    b, h, w, c = images.shape
-    grid = config.cbm.grid
-    heat = (probs / probs.max(axis=1, keepdims=True)).reshape(b, grid, 1, grid, 1, 1)
-    heat = jnp.broadcast_to(heat, (b, grid, h // grid, grid, w // grid, c)).reshape(b, h, w, c)
-    std, mean = jnp.asarray(config.input.std), jnp.asarray(config.input.mean)
-    columns = [images.astype(jnp.float32) / 255.0, heat, masked * std + mean]
-    return {"cbm_masks": metrics.image_grid([np.asarray(x) for x in columns])}
-
-
-def write_results(workdir: str, results: dict, name: str = "results.json"):
-    """Writes workdir/name as JSON (process 0)."""
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, name), "w") as f:
-            json.dump(results, f, indent=2)
+    heat = metrics.upsample_cells(probs / probs.max(axis=1, keepdims=True), images.shape[1])
+    heat = np.repeat(heat, images.shape[-1], axis=-1)
+    std, mean = np.asarray(config.input.std), np.asarray(config.input.mean)
+    columns = [np.asarray(images, np.float32) / 255.0, heat, np.asarray(masked) * std + mean]
+    return {"cbm_masks": metrics.image_grid(columns)}
 
 
 def fresh_state(variables: dict, tx) -> TrainState:
@@ -177,10 +152,60 @@ def fresh_state(variables: dict, tx) -> TrainState:
                       model_state=model_state)
 
 
-def initial_state(config, run, model, tx):
-    """The train state of a fresh run (random or imported weights), on the mesh, replicated."""
-    variables = init_variables(model, config, run.source.num_classes)
-    return create_state(lambda v: fresh_state(v, tx), mesh_lib.replicated(run.mesh), variables)
+class Supervised(Experiment):
+    """Supervised training with the CBM masking curriculum (schedule 'none': plain training)."""
+
+    summary_split = "train"  # The pictures show training images, as masked during training.
+
+    def __init__(self, config, mesh, budget):
+        super().__init__(config, mesh, budget)
+        self.model = build_classifier(config, budget.num_classes)
+        self.lr, lr_schedule = budget.learning_rate()
+        self.tx = optim.make_optimizer(config.optimizer, lr_schedule)
+        self.ratios = masking_ratios(config, budget.num_epochs)
+        self.num_cells = config.cbm.grid**2
+        self.patches = [num_masked_patches(r, self.num_cells) for r in self.ratios]
+        logging.info("CBM %s/%s masking, cells masked per epoch: %s", config.cbm.schedule, config.cbm.salience,
+                     self.patches)
+        self.step_fn = self.compile_step(make_train_step(self.model, self.tx, lr_schedule, config), static_argnums=2)
+
+    def init_state(self, rng):
+        """Random weights (as `init_variables` draws them) and a fresh optimizer state."""
+        shape = (1, self.config.input.image_size, self.config.input.image_size, self.config.input.channels)
+        return fresh_state(self.model.init({"params": rng, "dropout": rng}, jnp.zeros(shape), train=False), self.tx)
+
+    def create_train_state(self):
+        """Random weights, or the PyTorch weights named by config.model.init_from."""
+        if not self.config.model.get("init_from"):
+            return super().create_train_state()
+        variables = init_variables(self.model, self.config, self.budget.num_classes)
+        return jax.jit(lambda v: fresh_state(v, self.tx), out_shardings=self.state_sharding)(variables)
+
+    def describe(self, state) -> str:
+        """Model name, size and learning rate."""
+        return f"{self.config.model.name} with {tree_size(state.params) / 1e6:.2f}M parameters, lr {self.lr:.3g}"
+
+    def train_step(self, state, batch, step: int):
+        """One update with this epoch's number of masked cells (one compilation per distinct count)."""
+        return self.step_fn(state, batch, self.patches[self.budget.epoch(step - 1)])
+
+    def summaries(self, state, step: int) -> dict:
+        """Salience maps and masked inputs of the fixed training images at this epoch's masking ratio."""
+        num_masked = self.patches[self.budget.epoch(step - 1)]
+        return masking_grids(self.config, self.summary_images, jax.random.PRNGKey(step), num_masked)
+
+    def make_evaluator(self, name: str, eval_config):
+        """config.evals.<name>: classification accuracy on a split (the test split once per epoch by default)."""
+        if eval_config.type != "classification":
+            raise UserError(f"config.evals.{name}.type={eval_config.type!r} is not an evaluator of supervised "
+                            "training; use 'classification'.")
+        return ClassificationEvaluator(name, eval_config, self.config, self.mesh, make_eval_step(self.model, self.config))
+
+    def eval_scalars(self, step: int) -> dict:
+        """The masking curriculum of the epoch just evaluated."""
+        epoch = self.budget.epoch(step - 1)
+        return {"masking_ratio": self.ratios[epoch], "masked_patches": self.patches[epoch],
+                "masked_fraction": self.patches[epoch] / self.num_cells}
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
@@ -189,75 +214,18 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     if run.checkpointer.latest_step() is None:
         raise MissingInputError(f"No checkpoint in {run.checkpointer.directory}; point --workdir at a CBM training "
                                 "run of this config.")
-    model = build_classifier(config, run.source.num_classes)
-    tx = optim.make_optimizer(config.optimizer, run.learning_rate()[1])
-    template_config = config.copy_and_resolve_references()
-    template_config.model.init_from = ""  # The checkpoint replaces any imported weights: don't read them.
-    state = run.restore_or(initial_state(template_config, run, model, tx))
-    test_source = data.load_source(config.input, config.input.eval_split)
-    test = evaluate(jax.jit(make_eval_step(model, config)), state, config, test_source, run.mesh)
-    test["step"] = int(state.step)
+    experiment = Supervised(config, run.mesh, run.budget)
+    state, _ = run.restore_or(experiment)
+    evaluator = ClassificationEvaluator("test", ml_collections.ConfigDict(), config, run.mesh,
+                                        make_eval_step(experiment.model, config))
+    test = {**evaluator.run(state), "step": int(state.step)}
     logging.info("checkpoint at step %d: test accuracy %.4f, loss %.4f on %d images", test["step"],
                  test["test_accuracy"], test["test_loss"], test["test_examples"])
-    write_results(workdir, test, "eval_results.json")
+    metrics.write_json(workdir, "eval_results.json", test)
     run.close()
     return test
 
 
 def train_and_evaluate(config, workdir: str):
-    """Trains a classifier with CBM as config says, evaluating every epoch; resumes from `workdir`."""
-    # Mesh, input, budget, masking curriculum.
-    run = loop.Run.create(config, workdir)
-    replicated = mesh_lib.replicated(run.mesh)
-    test_source = data.load_source(config.input, config.input.eval_split)
-    num_epochs = -(-run.total_steps // run.steps_per_epoch)
-    ratios = masking_ratios(config, num_epochs)
-    num_cells = config.cbm.grid**2
-    patches = [num_masked_patches(r, num_cells) for r in ratios]
-    logging.info("CBM %s/%s masking, cells masked per epoch: %s", config.cbm.schedule, config.cbm.salience, patches)
-
-    # Model, optimizer, state.
-    model = build_classifier(config, run.source.num_classes)
-    lr, lr_schedule = run.learning_rate()
-    tx = optim.make_optimizer(config.optimizer, lr_schedule)
-    state, metadata = run.restore_with_metadata_or(initial_state(config, run, model, tx))
-    start_step = int(state.step)
-    results = metadata.get("results", {})
-    logging.info("%s with %.2fM parameters, lr %.3g, starting at step %d", config.model.name,
-                 tree_size(state.params) / 1e6, lr, start_step)
-
-    # Compiled steps.
-    train_step = jax.jit(make_train_step(model, tx, lr_schedule, config), static_argnums=2, donate_argnums=0,
-                         out_shardings=(replicated, replicated))
-    eval_step = jax.jit(make_eval_step(model, config))
-    images_for_summary = loop.fixed_batch(config, config.num_summary_images, config.input.train_split)
-
-    # Loop.
-    progress, last = run.progress(), run.last_step()
-    timer = loop.StepTimer(start_step)
-    for step, batch in zip(range(start_step + 1, last + 1), run.batches(start_step)):
-        epoch = run.epoch(step - 1)
-        state, measurements = train_step(state, batch, patches[epoch])
-        progress(step)
-        if step % config.log_every_steps == 0 or step == last:
-            run.log(step, measurements, timer.seconds_per_step(step))
-        if step % config.image_every_steps == 0 or step == last:
-            grids = masking_grids(config, images_for_summary, jax.random.PRNGKey(step), patches[epoch])
-            metrics.write_images(run.writer, workdir, step, grids)
-        if step % run.steps_per_epoch == 0 or step == run.total_steps:  # Not at a preemption stop: same results.
-            test = evaluate(eval_step, state, config, test_source, run.mesh)
-            if test["test_accuracy"] > results.get("best_test_accuracy", -1.0):
-                results.update(best_test_accuracy=test["test_accuracy"], best_epoch=epoch + 1)
-            results.update(final_test_accuracy=test["test_accuracy"], final_epoch=epoch + 1, step=step)
-            run.writer.write_scalars(step, {**test, "best_test_accuracy": results["best_test_accuracy"],
-                                            "epoch": epoch + 1, "masking_ratio": ratios[epoch],
-                                            "masked_patches": patches[epoch],
-                                            "masked_fraction": patches[epoch] / num_cells})
-            logging.info("epoch %d: test accuracy %.4f (best %.4f at epoch %d), %d/%d cells masked", epoch + 1,
-                         test["test_accuracy"], results["best_test_accuracy"], results["best_epoch"],
-                         patches[epoch], num_cells)
-            write_results(workdir, results)
-        if step % config.checkpoint_every_steps == 0 or step == last:
-            run.save(step, state, results=results)
-    run.close()
-    return state, results
+    """Trains a classifier with CBM as config says, evaluating as config.evals says; resumes from `workdir`."""
+    return loop.train(config, workdir, Supervised)

@@ -49,14 +49,18 @@ def diversity_loss(keep_prob, scale: float = 0.1):
     if n < 2:
         raise UserError(f"diversity_loss needs at least 2 images per group, got {n}; "
                         "increase config.clmae.loss_group_size.")
-    m = keep_prob.astype(jnp.float32)
-    rows, cols = jnp.triu_indices(n, k=1)
+    return jnp.mean(jnp.exp(-scale * pairwise_distances(keep_prob)))
+
+
+def pairwise_distances(masks):
+    """Euclidean distances ||m_i - m_j|| of every pair i < j of rows of `masks` [n, L]: a vector of n(n-1)/2."""
+    m = masks.astype(jnp.float32)
+    rows, cols = jnp.triu_indices(m.shape[0], k=1)
     squared = jnp.sum((m[rows] - m[cols]) ** 2, axis=-1)
     # sqrt has an infinite derivative at 0 (two identical masks); route those pairs through sqrt(1) and report 0,
     # so the gradient there is 0, as torch.cdist's backward gives for zero distances.
     nonzero = squared > 0
-    distance = jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
-    return jnp.mean(jnp.exp(-scale * distance))
+    return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
 
 
 def grouped(loss_fn: Callable, group_size: int) -> Callable:

@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 
 from clmae_jax import curriculum, losses
-from clmae_jax.runtime import data, loop, mesh as mesh_lib, metrics, optim
-from clmae_jax.runtime.state import TrainState, create_state, tree_size
-from clmae_jax.train_mae import masking_columns
 from clmae_jax.models.clmae import CLMAE, random_masked_loss
+from clmae_jax.pictures import masking_columns
+from clmae_jax.runtime import data, loop, metrics, optim
 from clmae_jax.runtime.errors import UserError
+from clmae_jax.runtime.experiment import Experiment
+from clmae_jax.runtime.state import TrainState, tree_size
 
 FREEZE_MODES = ("exact", "official")
 
@@ -31,18 +31,18 @@ def make_optimizer(config) -> optax.GradientTransformation:
         learning_rate=0.0)
 
 
-def curriculum_position(config, run, step: int) -> tuple[int, int]:
+def curriculum_position(config, budget, step: int) -> tuple[int, int]:
     """(epoch, epochs) of the lambda_CL schedule: real epochs, or config.clmae.curriculum_stages equal stages."""
     stages = config.clmae.curriculum_stages
     if stages > 0:
-        return min(step * stages // run.total_steps, stages - 1), stages
-    epochs = math.ceil(run.total_steps / run.steps_per_epoch)
-    return min(run.epoch(step), epochs - 1), epochs
+        return min(step * stages // budget.total_steps, stages - 1), stages
+    epochs = math.ceil(budget.total_steps / budget.steps_per_epoch)
+    return min(budget.epoch(step), epochs - 1), epochs
 
 
-def lambda_cl(config, run, step: int) -> float:
+def lambda_cl(config, budget, step: int) -> float:
     """lambda_CL for the iteration that starts at `step`."""
-    return curriculum.curriculum_weight(config.clmae.curriculum, *curriculum_position(config, run, step))
+    return curriculum.curriculum_weight(config.clmae.curriculum, *curriculum_position(config, budget, step))
 
 
 def masker_objective(config, per_patch_errors, keep_prob, lambda_curriculum):
@@ -66,8 +66,7 @@ def masker_objective(config, per_patch_errors, keep_prob, lambda_curriculum):
 
 def mask_statistics(keep_prob, group_size: int) -> dict:
     """How decided and how varied the learned masks are."""
-    distance = lambda m: jnp.mean(jnp.sqrt(jnp.maximum(
-        jnp.sum((m[:, None] - m[None]) ** 2, -1), 1e-12))[jnp.triu_indices(m.shape[0], 1)])
+    distance = lambda m: jnp.mean(losses.pairwise_distances(m))
     return {"keep_prob_mean": jnp.mean(keep_prob),
             "decisive_fraction": jnp.mean((keep_prob < 0.1) | (keep_prob > 0.9)),
             "mask_distance": losses.grouped(distance, group_size)(keep_prob)}
@@ -161,64 +160,63 @@ def summary(model: CLMAE, config, params, images):
 
 def summary_grids(config, images, keep_prob, pred, mask) -> dict:
     """Pictures: inputs, keep-probability heat maps, learned masks and reconstructions, side by side."""
-    grid = int(round(keep_prob.shape[1] ** 0.5))
-    scale = images.shape[1] // grid
-    heat = np.kron(np.asarray(keep_prob).reshape(-1, grid, grid), np.ones((scale, scale)))[..., None]
-    heat = np.repeat(heat, images.shape[-1], axis=-1)
+    heat = np.repeat(metrics.upsample_cells(keep_prob, images.shape[1]), images.shape[-1], axis=-1)
     return {"keep_probability": metrics.image_grid([images / 255.0, heat]),
             "learned_mask_reconstruction": masking_columns(config, images, pred, mask)}
 
 
-def train_and_evaluate(config, workdir: str):
-    """Trains CL-MAE as config says, resuming (mid-curriculum included) from the latest checkpoint in `workdir`."""
-    # Mesh, input, budget.
-    run = loop.Run.create(config, workdir)
-    replicated = mesh_lib.replicated(run.mesh)
+class CLMAEExperiment(Experiment):
+    """CL-MAE pretraining: per iteration an MAE step then a masking-module step on the same batch."""
 
-    # Model and optimizers: one per half, each with the same recipe and learning rate.
-    model = CLMAE(config)
-    lr, lr_schedule = run.learning_rate()
-    tx = make_optimizer(config)
+    def __init__(self, config, mesh, budget):
+        super().__init__(config, mesh, budget)
+        self.model = CLMAE(config)
+        self.lr, lr_schedule = budget.learning_rate()
+        self.tx = make_optimizer(config)  # One per half, each with the same recipe and learning rate.
+        mae_step, masker_step = make_steps(self.model, self.tx, lr_schedule, config)
+        self.mae_step, self.masker_step = self.compile_step(mae_step), self.compile_step(masker_step)
+        self.difficulty = jax.jit(functools.partial(difficulty, self.model, config))
+        self.summary = jax.jit(functools.partial(summary, self.model, config))
 
-    def init():
-        params = model.init(jax.random.PRNGKey(config.seed))
-        opt_state = {name: tx.init(p) for name, p in params.items()}
+    def init_state(self, rng):
+        """Random parameters of both halves and fresh AdamW moments for each."""
+        params = self.model.init(rng)
+        opt_state = {name: self.tx.init(p) for name, p in params.items()}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
-    state = run.restore_or(create_state(init, replicated))
-    start_step = int(state.step)
-    logging.info("CL-MAE: MAE %.1fM + masking module %.1fM parameters, lr %.3g, freeze=%s, starting at step %d",
-                 tree_size(state.params["mae"]) / 1e6, tree_size(state.params["masker"]) / 1e6, lr,
-                 config.clmae.freeze, start_step)
+    def describe(self, state) -> str:
+        """Sizes of both halves, learning rate and freezing mode."""
+        return (f"CL-MAE: MAE {tree_size(state.params['mae']) / 1e6:.1f}M + masking module "
+                f"{tree_size(state.params['masker']) / 1e6:.1f}M parameters, lr {self.lr:.3g}, "
+                f"freeze={self.config.clmae.freeze}")
 
-    # Compiled steps.
-    mae_step, masker_step = make_steps(model, tx, lr_schedule, config)
-    out = (replicated, replicated)
-    mae_step = jax.jit(mae_step, donate_argnums=(0,), out_shardings=out)
-    masker_step = jax.jit(masker_step, donate_argnums=(0,), out_shardings=out)
-    difficulty_fn = jax.jit(functools.partial(difficulty, model, config))
-    summary_fn = jax.jit(functools.partial(summary, model, config))
-    images_for_summary = loop.fixed_batch(config, config.num_summary_images)
+    def train_step(self, state, batch, step: int):
+        """The MAE step, then the masking-module step at this iteration's lambda_CL."""
+        lambda_now = jnp.float32(lambda_cl(self.config, self.budget, step - 1))
+        state, mae_measured = self.mae_step(state, batch)
+        state, masker_measured = self.masker_step(state, batch, lambda_now)
+        return state, {**mae_measured, **masker_measured}
 
-    # Loop.
-    progress, last = run.progress(), run.last_step()
-    timer = loop.StepTimer(start_step)
-    for step, batch in zip(range(start_step + 1, last + 1), run.batches(start_step)):
-        lambda_now = lambda_cl(config, run, step - 1)
-        if step % config.log_every_steps == 0 or step == last:
-            measured = difficulty_fn(state.params, batch, jax.random.PRNGKey(step))
-        state, mae_measured = mae_step(state, batch)
-        state, masker_measured = masker_step(state, batch, jnp.float32(lambda_now))
-        progress(step)
-        if step % config.log_every_steps == 0 or step == last:
-            run.log(step, {**measured, **mae_measured, **masker_measured}, timer.seconds_per_step(step))
-        if step % config.image_every_steps == 0 or step == last:
-            keep_prob, pred, mask = summary_fn(state.params, images_for_summary)
-            metrics.write_images(run.writer, workdir, step, summary_grids(config, images_for_summary,
-                                                                          keep_prob, pred, mask))
-        if step % config.checkpoint_every_steps == 0 or step == last:
-            epoch, epochs = curriculum_position(config, run, step)
-            run.save(step, state, curriculum_epoch=epoch, curriculum_epochs=epochs,
-                     lambda_cl=lambda_cl(config, run, min(step, run.total_steps - 1)))
-    run.close()
-    return state
+    def probe(self, state, batch, step: int) -> dict:
+        """Learned- vs random-mask loss, before the update (the learned one equals the MAE step's loss)."""
+        return self.difficulty(state.params, batch, jax.random.PRNGKey(step))
+
+    def summaries(self, state, step: int) -> dict:
+        """Keep-probability maps, learned masks and reconstructions of the fixed summary images."""
+        keep_prob, pred, mask = self.summary(state.params, self.summary_images)
+        return summary_grids(self.config, self.summary_images, keep_prob, pred, mask)
+
+    def checkpoint_metadata(self, step: int) -> dict:
+        """Where the curriculum stands, so a reader of the checkpoint knows the phase."""
+        epoch, epochs = curriculum_position(self.config, self.budget, step)
+        return {"curriculum_epoch": epoch, "curriculum_epochs": epochs,
+                "lambda_cl": lambda_cl(self.config, self.budget, min(step, self.budget.total_steps - 1))}
+
+    def encoder_params(self, state):
+        """The MAE half, which the evaluators read the encoder from."""
+        return state.params["mae"]
+
+
+def train_and_evaluate(config, workdir: str):
+    """Trains CL-MAE as config says, resuming (mid-curriculum included) from the latest checkpoint in `workdir`."""
+    return loop.train(config, workdir, CLMAEExperiment)[0]

@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(dict(
         name="sgd", lr=0.1, base_lr=0.0, momentum=0.9, weight_decay=5e-4, schedule="step",
         decay_epochs=(32, 62, 92), decay_factor=0.1, grad_clip=0.0))
+    # Evaluators (name -> config): test accuracy once per epoch (every_steps 0) and at the end, best and final kept.
+    config.evals = ml_collections.ConfigDict(dict(test=dict(type="classification", every_steps=0, split="")))
+    config.nonfinite = "stop"  # Or "skip": drop non-finite updates and count them.
     config.log_every_steps = 100
     config.image_every_steps = 5000
     config.checkpoint_every_steps = 5000

@@ -1,5 +1,9 @@
-"""Pieces every training loop shares: step budgets, gradient accumulation, the per-run context of writers,
-progress and checkpoints, and the guard against non-finite losses."""
+"""The one training loop of the library, and the pieces every experiment's update step shares.
+
+`train(config, workdir, Experiment)` runs MAE, CL-MAE and CBM alike (as big_vision's train loop): one scheduler
+for logging, pictures, evaluators and checkpoints; a non-finite guard on every step that is checked before every
+log and every save; progress with steps/s and ETA; resume from the latest checkpoint.
+"""
 import dataclasses
 import math
 import time
@@ -13,6 +17,8 @@ from absl import logging
 from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib, metrics, optim
 from clmae_jax.runtime.errors import UserError
 
+NONFINITE_MODES = ("stop", "skip")
+
 
 def step_budget(config, num_train_examples: int) -> tuple[int, int]:
     """(steps per epoch, total steps): config.total_steps when positive, else epochs x steps per epoch."""
@@ -21,6 +27,30 @@ def step_budget(config, num_train_examples: int) -> tuple[int, int]:
         raise UserError(f"config.batch_size={config.batch_size} exceeds the {num_train_examples} training examples.")
     total = config.total_steps if config.get("total_steps", 0) > 0 else config.num_epochs * steps_per_epoch
     return steps_per_epoch, total
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How long a run is and what it learns from: all an experiment needs to know besides its config and mesh."""
+
+    config: object
+    steps_per_epoch: int
+    total_steps: int
+    num_classes: int = 0
+
+    def epoch(self, step: int) -> int:
+        """0-based epoch of a step."""
+        return step // self.steps_per_epoch
+
+    @property
+    def num_epochs(self) -> int:
+        """Epochs started by the run, the last one possibly partial."""
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def learning_rate(self) -> tuple[float, object]:
+        """(peak learning rate, per-step schedule) of config.optimizer for this batch and budget."""
+        peak = optim.learning_rate(self.config.optimizer, self.config.batch_size)
+        return peak, optim.schedule(self.config.optimizer, peak, self.steps_per_epoch, self.total_steps)
 
 
 def accumulate_gradients(loss_and_grad, params, batch: dict, rng, accum_steps: int):
@@ -52,12 +82,75 @@ def norms(grads, params, updates) -> dict:
             "update_norm": optax.tree.norm(updates)}
 
 
-def check_finite(measurements: dict, step: int):
-    """Stops the run on a non-finite loss before anything is checkpointed."""
-    bad = [k for k, v in measurements.items() if not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"Non-finite {', '.join(bad)} at step {step}; lower the learning rate or use "
-                                 "float32 compute. The last checkpoint is untouched.")
+def all_finite(tree):
+    """True (a device scalar) when every element of every leaf is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def skip_nonfinite(step_fn):
+    """Wraps `step_fn(state, ...) -> (state, measurements)` to drop an update whose measurements or parameters are
+    not finite: the step counter moves on, parameters and optimizer state stay; `skipped_update` is 1 then."""
+
+    def guarded(state, *args):
+        new_state, measurements = step_fn(state, *args)
+        ok = all_finite(measurements) & all_finite(new_state.params)
+        kept = state.replace(step=new_state.step)
+        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, kept)
+        return new_state, {**measurements, "skipped_update": 1.0 - ok.astype(jnp.float32)}
+
+    return guarded
+
+
+@jax.jit
+def _update_health(health, step, measurements, params):
+    watched = {**measurements, "params": all_finite(params)}
+    first = {k: jnp.where((health["first"][k] < 0) & ~jnp.all(jnp.isfinite(v)), step, health["first"][k])
+             for k, v in watched.items()}
+    return {"first": first, "skipped": health["skipped"] + measurements.get("skipped_update", 0.0)}
+
+
+class Health:
+    """On-device record of the first step at which each measurement (and the parameters) went non-finite.
+
+    Updated after every step without a host sync; `check` reads it back, and runs before every log and save, so
+    a non-finite state is never logged as healthy or checkpointed. In "skip" mode only the parameters count:
+    non-finite updates were already dropped (see `skip_nonfinite`) and are counted.
+    """
+
+    def __init__(self, mode: str):
+        if mode not in NONFINITE_MODES:
+            raise UserError(f"Unknown config.nonfinite {mode!r}; use one of {NONFINITE_MODES}.")
+        self.mode, self.state = mode, None
+
+    def update(self, step: int, measurements: dict, params):
+        """Folds one step's measurements and parameters into the record (asynchronous)."""
+        if self.state is None:
+            keys = [*measurements, "params"]
+            self.state = {"first": {k: jnp.int32(-1) for k in keys}, "skipped": jnp.float32(0)}
+        self.state = _update_health(self.state, jnp.int32(step), measurements, params)
+
+    def check(self):
+        """Raises FloatingPointError naming the first non-finite step and what went non-finite."""
+        if self.state is None:
+            return
+        first = {k: int(v) for k, v in jax.device_get(self.state["first"]).items()
+                 if self.mode == "stop" or k == "params"}
+        bad = {k: s for k, s in first.items() if s >= 0}
+        if bad:
+            step = min(bad.values())
+            names = ", ".join(sorted(k for k, s in bad.items() if s == step))
+            raise FloatingPointError(
+                f"Non-finite {names} at step {step}; lower the learning rate, use float32 compute, or set "
+                "config.nonfinite='skip'. The last checkpoint is untouched.")
+
+    def skipped(self) -> float:
+        """Number of updates dropped so far by the 'skip' mode."""
+        return float(self.state["skipped"]) if self.state is not None else 0.0
+
+
+def itstime(step: int, every: int, last: int) -> bool:
+    """True every `every` steps (0 = never) and at the last step."""
+    return (every > 0 and step % every == 0) or step == last
 
 
 class StepTimer:
@@ -76,14 +169,13 @@ class StepTimer:
 
 @dataclasses.dataclass
 class Run:
-    """What a training loop needs around its update step: mesh, input, writers, progress and checkpoints."""
+    """What the loop needs around the update step: mesh, input, budget, writer and checkpoints."""
 
     config: object
     workdir: str
     mesh: object
     source: data.Source
-    steps_per_epoch: int
-    total_steps: int
+    budget: Budget
     writer: object
     checkpointer: checkpoint.Checkpointer
 
@@ -93,27 +185,18 @@ class Run:
         mesh = mesh_lib.make_mesh()
         mesh_lib.local_batch_size(config.batch_size)
         source = data.load_source(config.input, config.input.train_split)
-        steps_per_epoch, total_steps = step_budget(config, source.num_examples)
+        budget = Budget(config, *step_budget(config, source.num_examples), source.num_classes)
         logging.info("%d examples, %d steps/epoch, %d steps; batch %d global, %d per process, %d per device",
-                     source.num_examples, steps_per_epoch, total_steps, config.batch_size,
+                     source.num_examples, budget.steps_per_epoch, budget.total_steps, config.batch_size,
                      config.batch_size // jax.process_count(), config.batch_size // jax.device_count())
-        return cls(config, workdir, mesh, source, steps_per_epoch, total_steps, metrics.create_writer(workdir),
+        return cls(config, workdir, mesh, source, budget, metrics.create_writer(workdir),
                    checkpoint.Checkpointer(workdir, config.keep_checkpoints))
 
-    def learning_rate(self) -> tuple[float, object]:
-        """(peak learning rate, per-step schedule) of config.optimizer for this run's batch and budget."""
-        peak = optim.learning_rate(self.config.optimizer, self.config.batch_size)
-        return peak, optim.schedule(self.config.optimizer, peak, self.steps_per_epoch, self.total_steps)
-
-    def restore_or(self, state):
-        """The latest checkpointed state in the workdir, or `state` when there is none."""
-        return self.restore_with_metadata_or(state)[0]
-
-    def restore_with_metadata_or(self, state) -> tuple[object, dict]:
-        """(state, metadata) of the latest checkpoint in the workdir, or (`state`, {}) when there is none."""
+    def restore_or(self, experiment) -> tuple[object, dict]:
+        """(state, metadata) of the latest checkpoint in the workdir, or a fresh state and {}."""
         if self.checkpointer.latest_step() is None:
-            return state, {}
-        return self.checkpointer.restore(state)
+            return experiment.create_train_state(), {}
+        return self.checkpointer.restore(experiment.abstract_state())
 
     def batches(self, start_step: int):
         """Global training batches on the mesh, starting at `start_step` of the deterministic stream."""
@@ -124,33 +207,76 @@ class Run:
     def last_step(self) -> int:
         """Where this invocation stops: the end of training, or earlier when config.stop_after_steps asks."""
         stop = self.config.get("stop_after_steps", 0)
-        return min(self.total_steps, stop) if stop > 0 else self.total_steps
-
-    def progress(self):
-        """A clu ReportProgress hook for this run."""
-        return metrics.progress(self.total_steps, self.writer, self.config.log_every_steps)
+        total = self.budget.total_steps
+        return min(total, stop) if stop > 0 else total
 
     def log(self, step: int, measurements: dict, seconds_per_step: float | None = None):
-        """Writes scalars (plus images/s) after checking they are finite."""
+        """Writes scalars, plus images/s."""
         scalars = metrics.to_host(measurements)
-        check_finite(scalars, step)
         if seconds_per_step:
             scalars["images_per_sec"] = self.config.batch_size / seconds_per_step
             scalars["images_per_sec_per_device"] = scalars["images_per_sec"] / jax.device_count()
         self.writer.write_scalars(step, scalars)
 
-    def save(self, step: int, state, **metadata):
-        """Checkpoints `state` at `step` with JSON metadata (the step and epoch always included)."""
-        self.checkpointer.save(step, state, {"step": step, "epoch": step // self.steps_per_epoch, **metadata})
-
-    def epoch(self, step: int) -> int:
-        """0-based epoch of a step."""
-        return step // self.steps_per_epoch
-
     def close(self):
         """Flushes writers and waits for pending checkpoints."""
         self.writer.flush()
         self.checkpointer.close()
+
+
+def record(results: dict, scalars: dict, best_key: str, step: int, epoch: int) -> dict:
+    """results.json after an evaluation: final value of every scalar, best value (and its epoch) of `best_key`."""
+    results = {**results, **{f"final_{k}": v for k, v in scalars.items()}, "final_epoch": epoch, "step": step}
+    if best_key in scalars and scalars[best_key] > results.get(f"best_{best_key}", -math.inf):
+        results.update({f"best_{best_key}": scalars[best_key], "best_epoch": epoch})
+    return results
+
+
+def run_evaluators(run, experiment, state, step: int, results: dict) -> dict:
+    """Runs the evaluators due at `step`; writes their scalars to TensorBoard and results.json."""
+    total, epoch = run.budget.total_steps, run.budget.epoch(step - 1) + 1
+    for evaluator in experiment.evaluators:
+        every = evaluator.every_steps or run.budget.steps_per_epoch  # 0: once per epoch.
+        if not itstime(step, every, total):  # `total`, not a preemption stop: a resumed run evaluates the same.
+            continue
+        scalars = evaluator.run(state)
+        results = record(results, scalars, evaluator.best_key, step, epoch)
+        best = {f"best_{evaluator.best_key}": results[f"best_{evaluator.best_key}"]}
+        run.writer.write_scalars(step, {**scalars, **best, "epoch": epoch, **experiment.eval_scalars(step)})
+        logging.info("step %d (epoch %d): %s", step, epoch, ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+        metrics.write_json(run.workdir, "results.json", results)
+    return results
+
+
+def train(config, workdir: str, experiment_cls):
+    """Trains `experiment_cls(config, mesh, budget)` as config says, resuming from the latest checkpoint."""
+    run = Run.create(config, workdir)
+    experiment = experiment_cls(config, run.mesh, run.budget)
+    state, metadata = run.restore_or(experiment)
+    results, start = metadata.get("results", {}), int(state.step)
+    logging.info("%s; starting at step %d of %d", experiment.describe(state), start, run.budget.total_steps)
+
+    health, last = Health(config.get("nonfinite", "stop")), run.last_step()
+    progress, timer = metrics.progress(run.budget.total_steps, run.writer, config.log_every_steps), StepTimer(start)
+    for step, batch in zip(range(start + 1, last + 1), run.batches(start)):
+        logging_step = itstime(step, config.log_every_steps, last)
+        probed = experiment.probe(state, batch, step) if logging_step else {}
+        state, measurements = experiment.train_step(state, batch, step)
+        health.update(step, measurements, state.params)
+        progress(step)
+        if logging_step:
+            health.check()
+            skipped = {"skipped_updates": health.skipped()} if health.mode == "skip" else {}
+            run.log(step, {**probed, **measurements, **skipped}, timer.seconds_per_step(step))
+        if itstime(step, config.image_every_steps, last):
+            metrics.write_images(run.writer, workdir, step, experiment.summaries(state, step))
+        results = run_evaluators(run, experiment, state, step, results)
+        if itstime(step, config.checkpoint_every_steps, last):
+            health.check()
+            run.checkpointer.save(step, state, {"step": step, "epoch": run.budget.epoch(step), "results": results,
+                                                **experiment.checkpoint_metadata(step)})
+    run.close()
+    return state, results
 
 
 def fixed_batch(config, num: int, split: str | None = None) -> np.ndarray:

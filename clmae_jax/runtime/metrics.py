@@ -1,4 +1,5 @@
 """Metric writers (TensorBoard + console), progress with steps/s and ETA, and image summaries as PNG files."""
+import json
 import os
 
 import jax
@@ -49,3 +50,21 @@ def write_images(writer, workdir: str, step: int, grids: dict):
         pixels = (grid * 255).round().astype(np.uint8)
         pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
         Image.fromarray(pixels).save(os.path.join(workdir, "images", f"{name}_{step:07d}.png"))
+
+
+def write_json(workdir: str, name: str, tree: dict):
+    """Writes workdir/name as indented JSON (process 0), through a temporary file so readers never see half of it."""
+    if jax.process_index() > 0:
+        return
+    path = os.path.join(workdir, name)
+    with open(path + ".tmp", "w") as f:
+        json.dump(tree, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def upsample_cells(values, size: int) -> np.ndarray:
+    """Per-cell values [B, g*g] (row-major grid cells or patches) -> [B, size, size, 1] pixels, each cell a block."""
+    values = np.asarray(values, np.float32)
+    grid = int(round(values.shape[1] ** 0.5))
+    cells = values.reshape(-1, grid, grid)
+    return np.kron(cells, np.ones((size // grid, size // grid), np.float32))[..., None]

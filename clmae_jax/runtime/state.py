@@ -3,6 +3,7 @@ from typing import Any
 
 import flax
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 @flax.struct.dataclass
@@ -15,11 +16,13 @@ class TrainState:
     model_state: Any = flax.core.FrozenDict()
 
 
-def create_state(init_fn, sharding, *args):
-    """Runs `init_fn(*args) -> TrainState` under jit so parameters are born on the devices, in `sharding`."""
-    return jax.jit(init_fn, out_shardings=sharding)(*args)
-
-
 def tree_size(tree) -> int:
     """Number of scalars in a pytree."""
     return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def state_sharding(mesh, abstract_state, mesh_config=None):
+    """Shardings of a train state: replicated on every device (data parallelism)."""
+    del mesh_config
+    replicated = NamedSharding(mesh, P())
+    return jax.tree.map(lambda _: replicated, abstract_state)
