@@ -3,6 +3,9 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,3 +47,18 @@ def read_scalars(workdir, tag):
 def scalars():
     """`scalars(workdir, tag)` -> {step: value} from the run's TensorBoard events."""
     return read_scalars
+
+
+def load_params(workdir, step):
+    """Parameters of the checkpoint at `step`, as numpy, read without a template."""
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(path).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+    return jax.device_get(checkpointer.restore(path, target)["params"])
+
+
+def assert_trees_close(a, b, atol):
+    """Every leaf of `a` within `atol` of the same leaf of `b`."""
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=0), a, b)

@@ -1,4 +1,7 @@
-"""Shared loop pieces: step budget, gradient accumulation equal to one big batch, the non-finite guard."""
+"""The shared loop: step budget, gradient accumulation equal to one big batch, the non-finite guard on every
+step (a NaN between two logging steps is never checkpointed)."""
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -6,6 +9,9 @@ import numpy as np
 import pytest
 
 from clmae_jax.runtime import loop
+from clmae_jax.runtime.state import TrainState
+from clmae_jax.train_mae import MAE
+from configs import mae_fashion_mnist
 
 
 def test_step_budget():
@@ -35,7 +41,52 @@ def test_gradient_accumulation_equals_the_full_batch():
         loop.accumulate_gradients(loss_and_grad, w, batch, jax.random.PRNGKey(0), 5)
 
 
-def test_non_finite_measurements_stop_the_run():
-    loop.check_finite({"loss": 1.0}, 3)
-    with pytest.raises(FloatingPointError, match="Non-finite loss at step 3"):
-        loop.check_finite({"loss": float("nan"), "grad_norm": 1.0}, 3)
+def test_health_names_the_first_non_finite_step_and_what():
+    health = loop.Health("stop")
+    params = {"w": jnp.ones(3)}
+    health.update(1, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(2.0)}, params)
+    health.check()
+    health.update(2, {"loss": jnp.float32(np.nan), "grad_norm": jnp.float32(np.inf)}, params)
+    health.update(3, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)}, {"w": jnp.full(3, np.nan)})
+    with pytest.raises(FloatingPointError, match="Non-finite grad_norm, loss at step 2"):
+        health.check()
+    skipping = loop.Health("skip")  # Skipped updates are expected to be non-finite; only parameters count.
+    skipping.update(1, {"loss": jnp.float32(np.nan), "skipped_update": jnp.float32(1.0)}, params)
+    skipping.check()
+    assert skipping.skipped() == 1.0
+    with pytest.raises(ValueError, match="config.nonfinite"):
+        loop.Health("ignore")
+
+
+def test_skip_nonfinite_keeps_the_state_and_advances_the_step():
+    def step_fn(state, scale):
+        params = jax.tree.map(lambda p: p * scale, state.params)
+        return state.replace(step=state.step + 1, params=params), {"loss": jnp.sum(params["w"])}
+
+    state = TrainState(step=jnp.int32(0), params={"w": jnp.ones(2)}, opt_state=())
+    guarded = jax.jit(loop.skip_nonfinite(step_fn))
+    state, measured = guarded(state, jnp.float32(2.0))
+    assert float(measured["skipped_update"]) == 0.0 and state.params["w"].tolist() == [2.0, 2.0]
+    state, measured = guarded(state, jnp.float32(np.nan))
+    assert float(measured["skipped_update"]) == 1.0 and state.params["w"].tolist() == [2.0, 2.0]
+    assert int(state.step) == 2
+
+
+class NaNAtStep2(MAE):
+    """MAE whose parameters turn NaN in its second update, between two logging steps."""
+
+    def train_step(self, state, batch, step):
+        state, measurements = super().train_step(state, batch, step)
+        if step == 2:
+            state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
+        return state, measurements
+
+
+def test_nan_between_logging_steps_is_never_checkpointed(tmp_path):
+    config = mae_fashion_mnist.get_config("test")
+    config.update(total_steps=4, log_every_steps=100, checkpoint_every_steps=1, image_every_steps=0)
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match="Non-finite params at step 2"):
+        loop.train(config, workdir, NaNAtStep2)
+    # Step 1 was saved; the NaN state of step 2 never was.
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]

@@ -3,6 +3,7 @@ end-to-end runs of main.py on real Fashion-MNIST (1 vs 8 devices, resume, errors
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +11,10 @@ import optax
 import pytest
 
 from cbm_jax import train_supervised as cbm
-from clmae_jax.runtime import data
+from cbm_jax.masking import num_masked_patches
+from clmae_jax.runtime import data, loop, mesh as mesh_lib
 from configs import cbm_fashion_mnist, cbm_paper
-from test_train_mae import assert_trees_close, load_params
+from conftest import assert_trees_close, load_params
 
 CONFIG = "cbm_fashion_mnist.py:test"
 
@@ -171,7 +173,6 @@ def test_paper_recipes():
 
 def test_schedule_of_a_run_follows_the_preset():
     config = cbm_paper.paper_config("resnet18", "tiny_imagenet")
-    from cbm_jax.masking import num_masked_patches
     counts = [num_masked_patches(r, 16) for r in cbm.masking_ratios(config, 100)]
     assert counts[:10] == [1, 3, 5, 7, 9] * 2 and len(counts) == 100
 
@@ -218,3 +219,19 @@ def test_missing_cvt_weights_is_one_clear_line(tmp_path, run_main):
                     "--config.model.init_from=/nowhere/cvt.pth", check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("error: CvT weights /nowhere/cvt.pth not found")
+
+
+def test_one_compilation_per_distinct_masked_cell_count(monkeypatch):
+    config = tiny_config()
+    config.num_epochs, config.total_steps = 10, 0
+    budget = loop.Budget(config, steps_per_epoch=1, total_steps=10, num_classes=10)
+    counts = [num_masked_patches(r, 16) for r in cbm.masking_ratios(config, 10)]
+    assert counts == [1, 2, 3, 4, 6] * 2  # Preset "40" repeats every 5 epochs.
+    original = cbm.make_train_step
+    monkeypatch.setattr(cbm, "make_train_step", lambda *args: chex.assert_max_traces(original(*args), n=5))
+    experiment = cbm.Supervised(config, mesh_lib.make_mesh(), budget)
+    state = experiment.create_train_state()
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 28, 28, 1)), jnp.uint8)
+    for step in range(1, 11):
+        state, _ = experiment.train_step(state, labelled_batch(images), step)
+    assert int(state.step) == 10

@@ -11,7 +11,7 @@ from clmae_jax import losses, train_clmae
 from clmae_jax.runtime import optim
 from clmae_jax.runtime.state import TrainState
 from configs import clmae_fashion_mnist
-from test_train_mae import assert_trees_close, load_params
+from conftest import assert_trees_close, load_params
 
 CONFIG = "clmae_fashion_mnist.py:test"
 

@@ -7,26 +7,11 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, assert_trees_close, load_params
 
 CONFIG = "mae_fashion_mnist.py:test"
-
-
-def load_params(workdir, step):
-    """Parameters of the checkpoint at `step`, as numpy, read without a template."""
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(path).item_metadata.tree
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    return jax.device_get(checkpointer.restore(path, target)["params"])
-
-
-def assert_trees_close(a, b, atol):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=0), a, b)
 
 
 def test_same_loss_and_params_on_1_and_8_devices(tmp_path, run_main, scalars):

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clmae_jax.models.vit import Mlp, exact_gelu
-from cbm_jax.models.resnet import batch_norm
-from cbm_jax.models.wide_resnet import torch_default_bias_init, torch_default_kernel_init
+from cbm_jax.models.torch_layers import batch_norm, torch_default_bias_init, torch_default_kernel_init
 from clmae_jax.runtime.errors import UserError
 
 # Stage layouts of experiments/imagenet/cvt/cvt-{13,21}-224x224.yaml; `CvT(num_classes, **CVT_21)` builds CvT-21.

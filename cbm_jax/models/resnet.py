@@ -13,25 +13,12 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cbm_jax.models.torch_layers import TORCH_PAD_3X3, batch_norm
 from clmae_jax.runtime.errors import UserError
 
 # torch.nn.init.kaiming_normal_(mode='fan_in', nonlinearity='relu') draws from an untruncated normal.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 head_init = nn.initializers.normal(0.01)
-
-# PyTorch pads a 3x3 conv by one pixel on every side; flax's "SAME" pads (0, 1) when striding by 2 on even
-# sizes, which would shift the sampling grid of every downsampling conv by a pixel.
-TORCH_PAD_3X3 = ((1, 1), (1, 1))
-
-
-def batch_norm(train: bool, dtype: Any, momentum: float = 0.9):
-    """BatchNorm as torch.nn.BatchNorm2d: flax momentum 0.9 is PyTorch's 0.1, eps 1e-5."""
-    # axis_name=None is synchronised BN here: the step is jitted over the mesh with global-batch semantics,
-    # so XLA reduces the batch statistics over the whole global batch, across devices.
-    # Flax keeps the biased batch variance in its running average where PyTorch keeps the unbiased one; the factor
-    # n / (n - 1) with n = batch * height * width (>= 1024 for batch 64 at 32x32) is negligible.
-    return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=1e-5,
-                             axis_name=None, dtype=dtype)
 
 
 class BasicBlock(nn.Module):

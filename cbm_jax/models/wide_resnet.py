@@ -13,36 +13,16 @@ Details of the official code, kept here:
 
 CBM's MaskIn layer is not part of this model: the training step masks the normalised images before the call.
 """
-import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from cbm_jax.models.resnet import TORCH_PAD_3X3, batch_norm
+from cbm_jax.models.torch_layers import (TORCH_PAD_3X3, batch_norm, torch_conv, torch_default_bias_init,
+                                         torch_default_kernel_init)
 from clmae_jax.runtime.errors import UserError
 
-# PyTorch's default Conv2d/Linear weight init, kaiming_uniform(a=sqrt(5)), is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
 WRN_52_2 = dict(depth=52, widen_factor=2, dropout_rate=0.3)  # The model CBM calls "Wide-ResNet-50".
-
-
-def torch_default_bias_init(fan_in: int):
-    """PyTorch's default bias init for a layer with `fan_in` inputs: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def torch_conv(features: int, kernel: int, fan_in: int, dtype: Any, **kwargs):
-    """A biased conv with PyTorch's default initialisation; `fan_in` is in_channels * kernel**2."""
-    return nn.Conv(features, (kernel, kernel), kernel_init=torch_default_kernel_init,
-                   bias_init=torch_default_bias_init(fan_in), dtype=dtype, **kwargs)
 
 
 class WideBasic(nn.Module):

@@ -1,0 +1,56 @@
+"""Optimizer recipes: the MAE learning-rate rule, the weight-decay mask, the schedules' shapes."""
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from clmae_jax.runtime import optim
+
+
+def recipe(**fields):
+    return ml_collections.ConfigDict(dict(name="adamw", lr=0.0, base_lr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05,
+                                          schedule="cosine", warmup_epochs=2.0, min_lr=0.0, grad_clip=0.0,
+                                          momentum=0.9, decay_epochs=(3, 5), decay_factor=0.1) | fields)
+
+
+def test_learning_rate_is_base_lr_times_batch_over_256_unless_absolute():
+    assert optim.learning_rate(recipe(), 4096) == pytest.approx(1.5e-4 * 16)
+    assert optim.learning_rate(recipe(lr=0.1), 4096) == 0.1
+
+
+def test_weight_decay_skips_biases_and_norm_scales():
+    params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}, "norm": {"scale": jnp.ones(4)},
+              "conv": {"kernel": jnp.ones((3, 3, 1, 2))}}
+    assert optim.decay_mask(params) == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False},
+                                        "conv": {"kernel": True}}
+    tx = optim.make_optimizer(recipe(weight_decay=0.5), optax.constant_schedule(1.0))
+    zeros = {k: {n: jnp.zeros_like(p) for n, p in v.items()} for k, v in params.items()}
+    updates, _ = tx.update(zeros, tx.init(params), params)  # Zero gradients: only weight decay moves anything.
+    assert float(jnp.abs(updates["dense"]["kernel"]).max()) > 0 and float(jnp.abs(updates["dense"]["bias"]).max()) == 0
+    assert float(jnp.abs(updates["norm"]["scale"]).max()) == 0
+
+
+def test_cosine_warms_up_linearly_then_decays_to_min_lr():
+    schedule = optim.schedule(recipe(min_lr=1e-5), 1.0, steps_per_epoch=10, total_steps=100)
+    np.testing.assert_allclose([schedule(0), schedule(10), schedule(20)], [0.0, 0.5, 1.0], atol=1e-7)
+    assert schedule(60) < schedule(40) < 1.0 and schedule(100) == pytest.approx(1e-5)
+
+
+def test_step_schedule_decays_from_the_1_based_epochs():
+    schedule = optim.schedule(recipe(schedule="step"), 0.1, steps_per_epoch=10, total_steps=100)
+    # "Decay at epoch 3" (1-based) starts at 0-based epoch 2 = step 20.
+    np.testing.assert_allclose([schedule(19), schedule(20), schedule(39), schedule(40)],
+                               [0.1, 0.01, 0.01, 0.001], rtol=1e-6)
+    assert optim.schedule(recipe(schedule="constant"), 0.3, 10, 100)(77) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="config.optimizer.schedule"):
+        optim.schedule(recipe(schedule="linear"), 0.1, 10, 100)
+
+
+def test_sgd_adds_l2_before_momentum():
+    tx = optim.make_optimizer(recipe(name="sgd", weight_decay=0.1, momentum=0.9), optax.constant_schedule(1.0))
+    params = {"w": jnp.array([2.0, 2.0])}
+    updates, _ = tx.update({"w": jnp.array([1.0, 0.0])}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], [-(1.0 + 0.2), -0.2], rtol=1e-6)
+    with pytest.raises(ValueError, match="config.optimizer.name"):
+        optim.make_optimizer(recipe(name="lion"), optax.constant_schedule(1.0))
