@@ -103,9 +103,8 @@ def skip_nonfinite(step_fn):
 
 @jax.jit
 def _update_health(health, step, measurements, params):
-    watched = {**measurements, "params": all_finite(params)}
-    first = {k: jnp.where((health["first"][k] < 0) & ~jnp.all(jnp.isfinite(v)), step, health["first"][k])
-             for k, v in watched.items()}
+    finite = {**{k: jnp.all(jnp.isfinite(v)) for k, v in measurements.items()}, "params": all_finite(params)}
+    first = {k: jnp.where((health["first"][k] < 0) & ~ok, step, health["first"][k]) for k, ok in finite.items()}
     return {"first": first, "skipped": health["skipped"] + measurements.get("skipped_update", 0.0)}
 
 
