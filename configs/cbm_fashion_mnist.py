@@ -9,17 +9,15 @@ momentum, 10 epochs with lr / 10 at epochs 6 and 9. Pictures of masked training 
 land in DIR/images; results.json holds the best and final test accuracy. Variants, comma-separated: 'baseline'
 (no masking), 'random' (uniform instead of salience), 'test' (a handful of steps).
 """
-from configs import cbm_paper
+from configs import cbm_paper, common
 
 
 def get_config(variant: str = ""):
-    """Variants: '', 'baseline', 'random', 'test', or combinations such as 'baseline,test'."""
-    parts = set(filter(None, variant.split(",")))
-    if parts - {"baseline", "random", "test"}:
-        raise ValueError(f"Unknown variant {variant!r} of cbm_fashion_mnist.py; use baseline, random and/or test.")
+    """Variants: '', 'baseline', 'random', 'test', 'smoke', or combinations such as 'baseline,test'."""
+    parts = common.parse_variant(variant, {"baseline", "random", "test"}, "cbm_fashion_mnist.py")
     config = cbm_paper.base_config()
-    config.input.update(source="fashion_mnist_idx", name="fashion_mnist", train_split="train", eval_split="test",
-                        image_size=28, channels=1, shuffle_buffer=60_000, mean=(0.5,), std=(0.5,))
+    config.input = common.input_config("fashion_mnist", eval_transform="resize", shuffle_buffer=60_000,
+                                       mean=(0.5,), std=(0.5,))
     config.model.width = 16
     config.cbm.salience_size = 0
     config.num_epochs = 10
@@ -38,4 +36,4 @@ def get_config(variant: str = ""):
         config.total_steps = 4
         config.model.width = 4
         config.log_every_steps = config.image_every_steps = config.checkpoint_every_steps = 2
-    return config
+    return common.smoke(config) if "smoke" in parts else config

@@ -5,12 +5,14 @@
     python main.py --config=configs/cbm_resnet18_cifar100.py:baseline --workdir=DIR # same pipeline, no masking
     python main.py --config=configs/cbm_resnet18_cifar100.py:random --workdir=DIR   # uniform instead of salience
 
-Variant: "MODEL,DATASET[,baseline|random]". Models: resnet18, wrn_52_2, cvt13. Datasets: cifar10, cifar100, food101
+Variant: "MODEL,DATASET[,baseline|random][,smoke]". Models: resnet18, wrn_52_2, cvt13. Datasets: cifar10, cifar100, food101
 (tfds names), tiny_imagenet, sport_balls, sea_animals, ahe (image folders under config.input.data_dir).
 Every run: batch 64, no augmentation, mean/std 0.5 (masked cells are mid-grey), a 4x4 grid, the linear-repeat
 curriculum with the official preset, evaluation on the test split every epoch (best and final accuracy reported).
 """
 import ml_collections
+
+from configs import common
 
 SCHEDULE_PRESET = {  # experiments/*.py: which linear-repeat preset ("40": 1,2,3,4,6 cells; "60": 1,3,5,7,9).
     "resnet18": {"cifar10": "40", "cifar100": "40", "tiny_imagenet": "60", "food101": "60"},
@@ -20,17 +22,19 @@ SCHEDULE_PRESET = {  # experiments/*.py: which linear-repeat preset ("40": 1,2,3
 }
 CNN_WEIGHT_DECAY = {  # (ResNet-18, WRN-52-2)
     "cifar10": (5e-4, 5e-4), "cifar100": (5e-4, 1e-4), "tiny_imagenet": (1e-4, 1e-4), "food101": (5e-4, 1e-4)}
-# (source, tfds name, train split, test split, CNN input size, CvT input size, salience size; 0 = input size).
-# The official code measures CIFAR salience on a 64 px resize and Food-101's at 224 px whatever the model sees.
-DATASETS = {
-    "cifar10": ("tfds", "cifar10", "train", "test", 32, 64, 64),
-    "cifar100": ("tfds", "cifar100", "train", "test", 32, 64, 64),
-    "food101": ("tfds", "food101", "train", "validation", 64, 224, 224),
-    "tiny_imagenet": ("image_folder", "", "train", "val", 64, 64, 0),
-    "sport_balls": ("image_folder", "", "train", "test", None, 224, 0),
-    "sea_animals": ("image_folder", "", "train", "test", None, 224, 0),
-    "ahe": ("image_folder", "", "train", "test", None, 128, 0),
+# Input sizes per dataset (the data itself is in configs/common.py DATASETS): (CNN input size, CvT input size,
+# salience size; 0 = input size). The official code measures CIFAR salience on a 64 px resize and Food-101's at
+# 224 px whatever the model sees.
+IMAGE_SIZES = {
+    "cifar10": (32, 64, 64),
+    "cifar100": (32, 64, 64),
+    "food101": (64, 224, 224),
+    "tiny_imagenet": (64, 64, 0),
+    "sport_balls": (None, 224, 0),
+    "sea_animals": (None, 224, 0),
+    "ahe": (None, 128, 0),
 }
+MODES = ("baseline", "random")
 CVT13_WEIGHTS = "CvT-13-224x224-IN-1k.pth"  # microsoft/CvT model zoo; the paper fine-tunes from it.
 
 
@@ -45,10 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.num_epochs = 200
     config.total_steps = 0  # > 0 overrides num_epochs.
     config.stop_after_steps = 0
-    config.input = ml_collections.ConfigDict(dict(
-        source="tfds", name="cifar100", data_dir="", train_split="train", eval_split="test", image_size=32,
-        channels=3, augment="none", crop_scale=(0.08, 1.0), shuffle_buffer=50_000, eval_transform="resize",
-        eval_crop_ratio=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    config.input = common.input_config("cifar100", eval_transform="resize")
     config.model = ml_collections.ConfigDict(dict(name="resnet18", width=64, dtype="float32", init_from="",
                                                   size="small", patch_size=4, pool="cls"))
     config.cbm = ml_collections.ConfigDict(dict(
@@ -69,13 +70,16 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def paper_config(model: str, dataset: str, variant: str = "") -> ml_collections.ConfigDict:
-    """The official recipe of `model` on `dataset`; variant '' (CBM), 'baseline' or 'random'."""
+    """The official recipe of `model` on `dataset`; variant words: 'baseline' or 'random', and 'smoke'."""
     if model not in SCHEDULE_PRESET or dataset not in SCHEDULE_PRESET[model]:
         pairs = [f"{m},{d}" for m, ds in SCHEDULE_PRESET.items() for d in ds]
         raise ValueError(f"No CBM paper experiment {model},{dataset}; choose one of {', '.join(pairs)}.")
+    words = common.parse_variant(variant, MODES, f"the CBM {model},{dataset} config")
+    if len(words & set(MODES)) > 1:
+        raise ValueError(f"Variant {variant!r}: choose one of {', '.join(MODES)}, not both.")
     config = base_config()
-    source, name, train_split, test_split, cnn_size, cvt_size, salience_size = DATASETS[dataset]
-    config.input.update(source=source, name=name, train_split=train_split, eval_split=test_split)
+    cnn_size, cvt_size, salience_size = IMAGE_SIZES[dataset]
+    config.input = common.input_config(dataset, eval_transform="resize")
     config.cbm.preset = SCHEDULE_PRESET[model][dataset]
     config.cbm.salience_size = salience_size
     config.model.name = model
@@ -90,16 +94,14 @@ def paper_config(model: str, dataset: str, variant: str = "") -> ml_collections.
         config.input.image_size = cnn_size
         config.num_epochs = 100 if dataset == "tiny_imagenet" else 200
         config.optimizer.weight_decay = CNN_WEIGHT_DECAY[dataset][model == "wrn_52_2"]
-    if variant == "baseline":
+    if "baseline" in words:
         config.cbm.schedule = "none"
-    elif variant == "random":
+    if "random" in words:
         config.cbm.salience = "uniform"
-    elif variant:
-        raise ValueError(f"Unknown CBM variant {variant!r}; use '', 'baseline' or 'random'.")
-    return config
+    return common.smoke(config) if "smoke" in words else config
 
 
 def get_config(variant: str = "resnet18,cifar100") -> ml_collections.ConfigDict:
-    """`MODEL,DATASET[,baseline|random]`."""
+    """`MODEL,DATASET[,baseline|random][,smoke]`."""
     model, dataset, *rest = variant.split(",") + [""]
-    return paper_config(model, dataset, rest[0])
+    return paper_config(model, dataset, ",".join(rest))

@@ -5,12 +5,13 @@
 lambda_CL moves through 20 stages over the run (config.clmae.curriculum_stages) because the run is shorter than an
 epoch; the loss groups are 64 images (2 groups per batch of 128). About 8 minutes on 2 CPU cores.
 """
-from configs import clmae_vitb, mae_fashion_mnist
+from configs import clmae_vitb, common, mae_fashion_mnist
 
 
 def get_config(variant: str = ""):
-    """The quickstart MAE plus the masking module (variant 'test': a handful of steps)."""
-    config = mae_fashion_mnist.get_config(variant)
+    """The quickstart MAE plus the masking module (variants 'test', 'smoke': a handful of steps)."""
+    words = common.parse_variant(variant, {"test"}, "clmae_fashion_mnist.py")
+    config = mae_fashion_mnist.get_config("test" if "test" in words else "")
     config.experiment = "clmae"
     config.clmae = clmae_vitb.clmae_defaults()
     config.clmae.curriculum_stages = 20
@@ -19,7 +20,7 @@ def get_config(variant: str = ""):
     config.optimizer.base_lr = 1e-3
     config.batch_size = 128
     config.total_steps = 400
-    if variant == "test":
+    if "test" in words:
         config.batch_size = 16
         config.clmae.loss_group_size = 8
-    return config
+    return common.smoke(config) if "smoke" in words else config

@@ -6,7 +6,7 @@ Its MAE baseline with the same budget is configs/mae_vitb.py:clmae_budget.
 """
 import ml_collections
 
-from configs import mae_vitb
+from configs import common, mae_vitb
 
 
 def clmae_defaults() -> ml_collections.ConfigDict:
@@ -21,9 +21,10 @@ def clmae_defaults() -> ml_collections.ConfigDict:
         masker_depth=5, masker_heads=4))
 
 
-def get_config() -> ml_collections.ConfigDict:
-    """CL-MAE ViT-B/16: 200 epochs, blr 1e-3, 40 warm-up epochs, mask ratio 0.75, no norm_pix_loss."""
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+    """CL-MAE ViT-B/16: 200 epochs, blr 1e-3, 40 warm-up epochs, mask ratio 0.75, no norm_pix_loss ('smoke')."""
+    words = common.parse_variant(variant, (), "clmae_vitb.py")
     config = mae_vitb.get_config("clmae_budget")
     config.experiment = "clmae"
     config.clmae = clmae_defaults()
-    return config
+    return common.smoke(config) if "smoke" in words else config

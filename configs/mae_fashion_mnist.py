@@ -7,22 +7,17 @@ a small ViT; PNGs of inputs / masks / reconstructions land in DIR/images, Tensor
 """
 import ml_collections
 
-from configs import mae_vitb
-
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
+from configs import common, mae_vitb
 
 
 def fashion_mnist_input() -> ml_collections.ConfigDict:
     """Fashion-MNIST from the offline IDX files, 28x28 grey, light augmentation."""
-    return ml_collections.ConfigDict(dict(
-        source="fashion_mnist_idx", name="fashion_mnist", data_dir="", train_split="train", eval_split="test",
-        image_size=28, channels=1, augment="mae", crop_scale=(0.5, 1.0), shuffle_buffer=60_000,
-        eval_crop_ratio=1.0, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD))
+    return common.input_config("fashion_mnist", augment="mae", crop_scale=(0.5, 1.0), shuffle_buffer=60_000)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    """A 4-block width-128 ViT MAE, batch 128, about 600 steps (variant 'test': a handful of steps)."""
+    """A 4-block width-128 ViT MAE, batch 128, about 600 steps (variants 'test', 'smoke': a handful of steps)."""
+    words = common.parse_variant(variant, {"test"}, "mae_fashion_mnist.py")
     config = mae_vitb.get_config()
     config.input = fashion_mnist_input()
     config.batch_size = 128
@@ -36,8 +31,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.log_every_steps = 50
     config.image_every_steps = 200
     config.checkpoint_every_steps = 200
-    if variant == "test":
+    if "test" in words:
         config.batch_size = 16
         config.total_steps = 6
         config.log_every_steps = config.image_every_steps = config.checkpoint_every_steps = 3
-    return config
+    return common.smoke(config) if "smoke" in words else config

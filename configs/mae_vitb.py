@@ -3,27 +3,24 @@
     python main.py --config=configs/mae_vitb.py --workdir=DIR --config.input.data_dir=TFDS_DIR
     python main.py --config=configs/mae_vitb.py:clmae_budget ...   # the CL-MAE paper's MAE baseline budget
 
+Variants (comma-separated): `clmae_budget`, `smoke` (3 CPU steps of a tiny model, see configs/common.py).
 The variant `clmae_budget` trains 200 epochs with blr 1e-3 and no norm_pix_loss, exactly the budget and loss of
 configs/clmae_vitb.py, so the two runs differ only in how patches are masked.
 """
 import ml_collections
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from configs import common
 
 
 def imagenet_input() -> ml_collections.ConfigDict:
     """tfds imagenet2012 with the MAE augmentation (RandomResizedCrop(0.2, 1) + flip)."""
-    return ml_collections.ConfigDict(dict(
-        source="tfds", name="imagenet2012", data_dir="", train_split="train", eval_split="validation",
-        image_size=224, channels=3, augment="mae", crop_scale=(0.2, 1.0), shuffle_buffer=250_000,
-        eval_crop_ratio=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    return common.input_config("imagenet2012", augment="mae", crop_scale=(0.2, 1.0), shuffle_buffer=250_000,
+                               eval_crop_ratio=0.875)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """MAE ViT-B/16, 800 epochs at batch 4096 (variant 'clmae_budget': 200 epochs as CL-MAE)."""
-    if variant not in ("", "clmae_budget"):
-        raise ValueError(f"Unknown variant {variant!r} of mae_vitb.py; use '' or 'clmae_budget'.")
+    words = common.parse_variant(variant, {"clmae_budget"}, "mae_vitb.py")
     config = ml_collections.ConfigDict()
     config.experiment = "mae"
     config.seed = 0
@@ -46,9 +43,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 5000
     config.keep_checkpoints = 3
     config.num_summary_images = 8
-    if variant == "clmae_budget":
+    if "clmae_budget" in words:
         config.batch_size = 256 * 8  # 256 per GPU on the CL-MAE authors' 8 GPUs (inferred; the code says 256/GPU).
         config.num_epochs = 200
         config.optimizer.base_lr = 1e-3
         config.mae.norm_pix_loss = False
-    return config
+    return common.smoke(config) if "smoke" in words else config

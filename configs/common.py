@@ -1,0 +1,74 @@
+"""What every config file shares: the one dataset table, the variant grammar and the `smoke` variant.
+
+Variants are comma-separated words after the file name (`configs/NAME.py:word1,word2`); each file names the words
+it accepts, and `smoke` is accepted everywhere: it shrinks any run (ImageNet ones included) to a few CPU steps of a
+tiny model on the same data, to check a config end to end before spending a pod on it.
+"""
+import ml_collections
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# Dataset -> input fields. `source`: tfds (needs the prepared tfds data), image_folder (DATA_DIR/<split>/<class>/*)
+# or fashion_mnist_idx (Debian's dataset-fashion-mnist files, offline).
+DATASETS = {
+    "imagenet2012": dict(source="tfds", name="imagenet2012", train_split="train", eval_split="validation",
+                         image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "fashion_mnist": dict(source="fashion_mnist_idx", name="fashion_mnist", train_split="train", eval_split="test",
+                          image_size=28, channels=1, mean=(0.2860,), std=(0.3530,)),
+    "cifar10": dict(source="tfds", name="cifar10", train_split="train", eval_split="test", image_size=32,
+                    channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "cifar100": dict(source="tfds", name="cifar100", train_split="train", eval_split="test", image_size=32,
+                     channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "food101": dict(source="tfds", name="food101", train_split="train", eval_split="validation", image_size=64,
+                    channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "tiny_imagenet": dict(source="image_folder", name="", train_split="train", eval_split="val", image_size=64,
+                          channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "sport_balls": dict(source="image_folder", name="", train_split="train", eval_split="test", image_size=224,
+                        channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "sea_animals": dict(source="image_folder", name="", train_split="train", eval_split="test", image_size=224,
+                        channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "ahe": dict(source="image_folder", name="", train_split="train", eval_split="test", image_size=128,
+                channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+}
+
+
+def input_config(dataset: str, **fields) -> ml_collections.ConfigDict:
+    """config.input for `dataset` from DATASETS, with augmentation defaults and `fields` on top."""
+    if dataset not in DATASETS:
+        raise ValueError(f"Unknown dataset {dataset!r}; add it to configs/common.py DATASETS or use one of "
+                         f"{', '.join(DATASETS)}.")
+    defaults = dict(data_dir="", augment="none", crop_scale=(0.08, 1.0), shuffle_buffer=50_000,
+                    eval_transform="center_crop", eval_crop_ratio=1.0)
+    return ml_collections.ConfigDict({**defaults, **DATASETS[dataset], **fields})
+
+
+def parse_variant(variant: str, allowed, file: str) -> set:
+    """The set of comma-separated words in `variant`; a word the file does not know is an error naming the known."""
+    words = set(filter(None, variant.split(",")))
+    unknown = words - set(allowed) - {"smoke"}
+    if unknown:
+        raise ValueError(f"Unknown variant word(s) {', '.join(sorted(unknown))} for {file}; use a comma-separated "
+                         f"subset of {', '.join(sorted(set(allowed) | {'smoke'}))}.")
+    return words
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks `config` to 3 steps of a tiny model at batch 8 with every summary, evaluation and save exercised."""
+    config.batch_size = 8
+    config.total_steps = 3
+    config.grad_accum_steps = 1
+    config.log_every_steps = config.image_every_steps = config.checkpoint_every_steps = 1
+    config.num_summary_images = 2
+    if "eval_batch_size" in config:
+        config.eval_batch_size = 8
+    if "size" in config.model and config.model.get("name", "vit") == "vit":
+        config.model.size = "mini"
+    if "decoder_width" in config.model:
+        config.model.update(decoder_width=32, decoder_depth=1, decoder_heads=2)
+    if "width" in config.model and config.model.get("name") == "resnet18":
+        config.model.width = 4
+    if "clmae" in config:
+        config.clmae.update(masker_depth=1, loss_group_size=8)
+    if "input" in config:
+        config.input.shuffle_buffer = 64
+    return config
