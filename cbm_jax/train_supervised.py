@@ -17,6 +17,7 @@ import optax
 from absl import logging
 
 from cbm_jax.masking import mask_images, num_masked_patches, sample_patches, uniform_probs
+from cbm_jax.mixup import mix
 from cbm_jax.models.cvt import CVT_13, CvT
 from cbm_jax.models.resnet import ResNet
 from cbm_jax.models.wide_resnet import WRN_52_2, WideResNet
@@ -94,9 +95,22 @@ def masked_inputs(config, images, rng, num_masked: int):
     return mask_images(normalized, cells, config.cbm.grid)
 
 
-def make_train_step(model, tx, lr_schedule, config):
-    """state, batch, num_masked -> state, measurements; num_masked is static (one compilation per mask count)."""
+def classification_loss(logits, labels, targets):
+    """Cross-entropy with integer labels, or with the soft targets of label smoothing / mixup when given."""
+    if targets is None:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def make_train_step(model, tx, lr_schedule, config, num_classes: int = 0):
+    """state, batch, num_masked -> state, measurements; num_masked is static (one compilation per mask count).
+
+    With config.mix (label smoothing, mixup / cutmix; `num_classes` needed) the loss uses soft targets.
+    """
     base_rng = jax.random.PRNGKey(config.seed)
+    mix_config = config.get("mix")
+    soft = mix_config is not None and (mix_config.label_smoothing > 0 or mix_config.mixup_alpha > 0
+                                       or mix_config.cutmix_alpha > 0)
 
     def train_step(state: TrainState, batch, num_masked: int):
         step_rng = jax.random.fold_in(base_rng, state.step)
@@ -104,11 +118,14 @@ def make_train_step(model, tx, lr_schedule, config):
         def loss_and_grad(params, micro, rng):
             mask_rng, dropout_rng = jax.random.split(rng)
             images = masked_inputs(config, micro["image"], mask_rng, num_masked)
+            targets = None
+            if soft:  # A key of its own, so runs without mixing keep their random streams.
+                images, targets = mix(jax.random.fold_in(rng, 2), images, micro["label"], num_classes, mix_config)
 
             def loss_fn(p):
                 logits, new_model_state = model.apply({"params": p, **state.model_state}, images, train=True,
                                                       rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, micro["label"]).mean()
+                loss = classification_loss(logits, micro["label"], targets)
                 return loss, (new_model_state, jnp.mean(logits.argmax(-1) == micro["label"]))
 
             return jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -162,17 +179,26 @@ class Supervised(Experiment):
         self.model = build_classifier(config, budget.num_classes)
         self.lr, lr_schedule = budget.learning_rate()
         self.tx = optim.make_optimizer(config.optimizer, lr_schedule)
+        if config.optimizer.get("layer_decay", 1.0) < 1.0:  # MAE fine-tuning: lower lr for earlier ViT blocks.
+            params = jax.eval_shape(self.model.init, jax.random.PRNGKey(0), jnp.zeros(self.input_shape()))["params"]
+            depth = vit_size(config.model.size)["depth"]
+            self.tx = optax.chain(self.tx, optim.layer_decay(params, depth, config.optimizer.layer_decay))
         self.ratios = masking_ratios(config, budget.num_epochs)
         self.num_cells = config.cbm.grid**2
         self.patches = [num_masked_patches(r, self.num_cells) for r in self.ratios]
         logging.info("CBM %s/%s masking, cells masked per epoch: %s", config.cbm.schedule, config.cbm.salience,
                      self.patches)
-        self.step_fn = self.compile_step(make_train_step(self.model, self.tx, lr_schedule, config), static_argnums=2)
+        step = make_train_step(self.model, self.tx, lr_schedule, config, budget.num_classes)
+        self.step_fn = self.compile_step(step, static_argnums=2)
+
+    def input_shape(self) -> tuple:
+        """Shape of a one-image batch."""
+        return (1, self.config.input.image_size, self.config.input.image_size, self.config.input.channels)
 
     def init_state(self, rng):
         """Random weights (as `init_variables` draws them) and a fresh optimizer state."""
-        shape = (1, self.config.input.image_size, self.config.input.image_size, self.config.input.channels)
-        return fresh_state(self.model.init({"params": rng, "dropout": rng}, jnp.zeros(shape), train=False), self.tx)
+        variables = self.model.init({"params": rng, "dropout": rng}, jnp.zeros(self.input_shape()), train=False)
+        return fresh_state(variables, self.tx)
 
     def create_train_state(self):
         """Random weights, or the PyTorch weights named by config.model.init_from."""

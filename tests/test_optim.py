@@ -1,4 +1,5 @@
 """Optimizer recipes: the MAE learning-rate rule, the weight-decay mask, the schedules' shapes."""
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -54,3 +55,15 @@ def test_sgd_adds_l2_before_momentum():
     np.testing.assert_allclose(updates["w"], [-(1.0 + 0.2), -0.2], rtol=1e-6)
     with pytest.raises(ValueError, match="config.optimizer.name"):
         optim.make_optimizer(recipe(name="lion"), optax.constant_schedule(1.0))
+
+
+def test_layer_decay_scales_updates_per_vit_layer():
+    params = {"patch_embed": {"proj": {"kernel": jnp.ones((2, 2))}}, "cls_token": {"cls": jnp.ones((1, 1, 2))},
+              "encoder": {"block0": {"w": jnp.ones(2)}, "block1": {"w": jnp.ones(2)}, "norm": {"scale": jnp.ones(2)}},
+              "head": {"kernel": jnp.ones((2, 3))}}
+    tx = optim.layer_decay(params, depth=2, decay=0.5)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    assert float(updates["patch_embed"]["proj"]["kernel"][0, 0]) == 0.125  # 0.5 ** 3
+    assert float(updates["cls_token"]["cls"][0, 0, 0]) == 0.125
+    assert float(updates["encoder"]["block0"]["w"][0]) == 0.25 and float(updates["encoder"]["block1"]["w"][0]) == 0.5
+    assert float(updates["encoder"]["norm"]["scale"][0]) == 1.0 and float(updates["head"]["kernel"][0, 0]) == 1.0

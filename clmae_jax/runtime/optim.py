@@ -45,3 +45,23 @@ def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransfo
     if config.get("grad_clip"):
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
     return tx
+
+
+def layer_id(path: tuple, depth: int) -> int:
+    """BEiT / MAE layer index of a ViT parameter: 0 for the embeddings, i + 1 for block i, depth + 1 for the rest."""
+    names = [str(getattr(k, "key", k)) for k in path]
+    blocks = [n for n in names if n.startswith("block") and n[5:].isdigit()]
+    if blocks:
+        return int(blocks[0][5:]) + 1
+    if names[0] in ("patch_embed", "cls_token", "pos_embed"):
+        return 0
+    return depth + 1
+
+
+def layer_decay(params, depth: int, decay: float) -> optax.GradientTransformation:
+    """Scales each ViT parameter's update by decay ** (depth + 1 - layer): the MAE fine-tuning layer-wise lr decay
+    (weight decay included, as the reference scales the whole lr of a parameter group)."""
+    scales = jax.tree_util.tree_map_with_path(lambda path, _: decay ** (depth + 1 - layer_id(path, depth)), params)
+    return optax.GradientTransformation(
+        lambda _: optax.EmptyState(),
+        lambda updates, state, params=None: (jax.tree.map(lambda u, s: u * s, updates, scales), state))
