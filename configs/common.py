@@ -8,27 +8,26 @@ import ml_collections
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
+HALF = (0.5, 0.5, 0.5)  # The CBM code's mean and std for every dataset: masked cells become mid-grey.
+
+
+def _dataset(source, name, eval_split, image_size, channels=3, mean=HALF, std=HALF) -> dict:
+    return dict(source=source, name=name, train_split="train", eval_split=eval_split, image_size=image_size,
+                channels=channels, mean=mean, std=std)
+
+
 # Dataset -> input fields. `source`: tfds (needs the prepared tfds data), image_folder (DATA_DIR/<split>/<class>/*)
 # or fashion_mnist_idx (Debian's dataset-fashion-mnist files, offline).
 DATASETS = {
-    "imagenet2012": dict(source="tfds", name="imagenet2012", train_split="train", eval_split="validation",
-                         image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    "fashion_mnist": dict(source="fashion_mnist_idx", name="fashion_mnist", train_split="train", eval_split="test",
-                          image_size=28, channels=1, mean=(0.2860,), std=(0.3530,)),
-    "cifar10": dict(source="tfds", name="cifar10", train_split="train", eval_split="test", image_size=32,
-                    channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    "cifar100": dict(source="tfds", name="cifar100", train_split="train", eval_split="test", image_size=32,
-                     channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    "food101": dict(source="tfds", name="food101", train_split="train", eval_split="validation", image_size=64,
-                    channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    "tiny_imagenet": dict(source="image_folder", name="", train_split="train", eval_split="val", image_size=64,
-                          channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    "sport_balls": dict(source="image_folder", name="", train_split="train", eval_split="test", image_size=224,
-                        channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    "sea_animals": dict(source="image_folder", name="", train_split="train", eval_split="test", image_size=224,
-                        channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    "ahe": dict(source="image_folder", name="", train_split="train", eval_split="test", image_size=128,
-                channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    "imagenet2012": _dataset("tfds", "imagenet2012", "validation", 224, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "fashion_mnist": _dataset("fashion_mnist_idx", "fashion_mnist", "test", 28, 1, (0.2860,), (0.3530,)),
+    "cifar10": _dataset("tfds", "cifar10", "test", 32),
+    "cifar100": _dataset("tfds", "cifar100", "test", 32),
+    "food101": _dataset("tfds", "food101", "validation", 64),
+    "tiny_imagenet": _dataset("image_folder", "", "val", 64),
+    "sport_balls": _dataset("image_folder", "", "test", 224),
+    "sea_animals": _dataset("image_folder", "", "test", 224),
+    "ahe": _dataset("image_folder", "", "test", 128),
 }
 
 
