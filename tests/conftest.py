@@ -30,22 +30,10 @@ def run_main():
     return _run_main
 
 
-def read_scalars(workdir, tag):
-    """{step: value} of a scalar written by clu's TensorBoard writer in `workdir`."""
-    import tensorflow as tf
-    values = {}
-    for name in sorted(os.listdir(workdir)):
-        if name.startswith("events.out.tfevents"):
-            for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
-                for v in event.summary.value:
-                    if v.tag == tag:
-                        values[event.step] = float(tf.make_ndarray(v.tensor))
-    return values
-
-
 @pytest.fixture
 def scalars():
     """`scalars(workdir, tag)` -> {step: value} from the run's TensorBoard events."""
+    from clmae_jax.runtime.metrics import read_scalars
     return read_scalars
 
 

@@ -68,3 +68,16 @@ def upsample_cells(values, size: int) -> np.ndarray:
     grid = int(round(values.shape[1] ** 0.5))
     cells = values.reshape(-1, grid, grid)
     return np.kron(cells, np.ones((size // grid, size // grid), np.float32))[..., None]
+
+
+def read_scalars(workdir: str, tag: str) -> dict:
+    """{step: value} of a scalar that the TensorBoard writer wrote in `workdir`."""
+    import tensorflow as tf  # Only readers of finished runs need it.
+    values = {}
+    for name in sorted(os.listdir(workdir)):
+        if name.startswith("events.out.tfevents"):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+                for v in event.summary.value:
+                    if v.tag == tag:
+                        values[event.step] = float(tf.make_ndarray(v.tensor))
+    return values

@@ -1,0 +1,58 @@
+"""CL-MAE curriculum telemetry of a run, stage by stage: is the module a partner, then an adversary?
+
+    python bench/clmae_telemetry.py runs/clmae_fmnist [--json=bench/results/clmae_telemetry.json]
+
+Reads the run's TensorBoard scalars and prints, per value of lambda_CL, the mean MAE loss under the learned mask
+and under a random mask of the same ratio (their ratio `difficulty`: < 1 partner, > 1 adversary), the size of each
+weighted term of the masking module's objective, and how decided the masks are.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from clmae_jax.runtime.metrics import read_scalars  # noqa: E402
+
+flags.DEFINE_string("json", "", "Where to write the table as JSON (optional).")
+TAGS = ("lambda_cl", "mae_loss_learned_mask", "mae_loss_random_mask", "difficulty", "loss_curriculum",
+        "loss_gaussian", "loss_kl", "loss_diversity", "keep_prob_mean", "decisive_fraction", "mask_distance")
+
+
+def stage_table(workdir: str, config: dict) -> list[dict]:
+    """One row per lambda_CL stage: step range, mean of every tag, and the weighted objective terms."""
+    series = {tag: read_scalars(workdir, tag) for tag in TAGS}
+    steps = sorted(series["lambda_cl"])
+    weights = {"loss_curriculum": None, "loss_gaussian": config["lambda_gaussian"], "loss_kl": config["lambda_kl"],
+               "loss_diversity": config["lambda_diversity"]}
+    rows = []
+    for lam in sorted({series["lambda_cl"][s] for s in steps}, reverse=True):
+        at = [s for s in steps if series["lambda_cl"][s] == lam]
+        row = {"lambda_cl": lam, "first_step": at[0], "last_step": at[-1], "logged": len(at)}
+        row.update({tag: float(np.mean([series[tag][s] for s in at])) for tag in TAGS[1:]})
+        row.update({f"weighted_{k}": (lam if w is None else w) * row[k] for k, w in weights.items()})
+        rows.append(row)
+    return rows
+
+
+def main(argv):
+    workdir = argv[1]
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)["clmae"]
+    rows = stage_table(workdir, config)
+    columns = ("lambda_cl", "first_step", "mae_loss_learned_mask", "mae_loss_random_mask", "difficulty",
+               "weighted_loss_curriculum", "weighted_loss_gaussian", "weighted_loss_kl", "weighted_loss_diversity",
+               "keep_prob_mean", "decisive_fraction")
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(f"{row[c]:.4g}" for c in columns) + " |")
+    if flags.FLAGS.json:
+        os.makedirs(os.path.dirname(flags.FLAGS.json) or ".", exist_ok=True)
+        with open(flags.FLAGS.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
