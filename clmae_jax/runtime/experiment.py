@@ -19,8 +19,11 @@ class Experiment:
     summary_split = None  # Which split the summary pictures come from (None: the eval split).
 
     def __init__(self, config, mesh, budget: "loop.Budget"):
-        self.config, self.mesh, self.budget = config, mesh, budget
-        self.replicated = mesh_lib.replicated(mesh)
+        # The same devices laid out as config.mesh asks ((data, fsdp) axes): the loop's batches, split over all
+        # devices in jax.devices() order, need no move, and a checkpoint restores into whichever layout this is.
+        self.mesh = mesh_lib.make_mesh(config.get("mesh"), mesh.devices)
+        self.config, self.budget = config, budget
+        self.replicated = mesh_lib.replicated(self.mesh)
 
     def init_state(self, rng):
         """The step-0 TrainState from a PRNG key (pure, traced under jit)."""

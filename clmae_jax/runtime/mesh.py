@@ -8,7 +8,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clmae_jax.runtime.errors import UserError
 
-DATA_AXIS = "data"
+DATA_AXIS, FSDP_AXIS = "data", "fsdp"
 
 
 def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1):
@@ -26,14 +26,35 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
                  jax.local_device_count(), jax.device_count())
 
 
-def make_mesh() -> Mesh:
-    """A 1-D mesh over all devices of all processes, on the data axis."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
+    """(data, fsdp) axis sizes from config.mesh, e.g. {"data": -1, "fsdp": 8}; -1 takes the remaining devices."""
+    sizes = {DATA_AXIS: -1, FSDP_AXIS: 1}
+    sizes.update({k: v for k, v in (mesh_config or {}).items() if k in sizes})
+    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1 or fixed <= 0 or num_devices % fixed:
+        raise UserError(f"config.mesh={dict(sizes)} does not tile {num_devices} devices; give sizes whose product "
+                        "is the device count, at most one of them -1.")
+    for k in free:
+        sizes[k] = num_devices // fixed
+    if sizes[DATA_AXIS] * sizes[FSDP_AXIS] != num_devices:
+        raise UserError(f"config.mesh={dict(sizes)} uses {sizes[DATA_AXIS] * sizes[FSDP_AXIS]} devices, not the "
+                        f"{num_devices} there are.")
+    return sizes[DATA_AXIS], sizes[FSDP_AXIS]
+
+
+def make_mesh(mesh_config=None, devices=None) -> Mesh:
+    """A 2-D (data, fsdp) mesh over `devices` (default: all devices of all processes); fsdp is 1 unless
+    config.mesh asks for more, which is pure data parallelism."""
+    devices = np.asarray(jax.devices() if devices is None else devices).reshape(-1)
+    # fsdp is the inner axis: the shards of one parameter sit on neighbouring devices (same host, fastest links),
+    # and the flattened order stays jax.devices(), so every layout splits a batch the same way.
+    return Mesh(devices.reshape(mesh_shape(mesh_config, devices.size)), (DATA_AXIS, FSDP_AXIS))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over the data axis, everything else whole."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Leading (batch) axis split over every mesh axis (data and fsdp), everything else whole."""
+    return NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
