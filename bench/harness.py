@@ -1,0 +1,98 @@
+"""What every benchmark shares: experiments built by the trainers' own classes, XLA's own cost and memory figures,
+alternating timing rounds with medians, and a matmul peak measured in the same run."""
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from clmae_jax.runtime import loop, mesh as mesh_lib  # noqa: E402
+
+
+def build(experiment_cls, config, num_classes: int = 0):
+    """`experiment_cls(config, mesh, budget)` on all devices, as `loop.train` builds it (one long epoch)."""
+    budget = loop.Budget(config, 1000, 1000, num_classes)
+    return experiment_cls(config, mesh_lib.make_mesh(config.get("mesh")), budget)
+
+
+def random_batch(config, mesh, labels: int = 0) -> dict:
+    """Random uint8 images (and labels) of the config's shape, split over the mesh as the input pipeline does."""
+    size, channels = config.input.image_size, config.input.channels
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (config.batch_size, size, size, channels), dtype=np.uint8)}
+    if labels:
+        batch["label"] = (np.arange(config.batch_size) % labels).astype(np.int32)
+    return mesh_lib.to_global(batch, mesh)
+
+
+def abstract(tree):
+    """Shapes, dtypes and shardings of `tree`: what `lower` needs, without holding the arrays."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def compile_stats(jitted, *args) -> tuple[object, dict]:
+    """(compiled executable, its compile seconds, XLA FLOPs and per-device memory in bytes)."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    memory = compiled.memory_analysis()
+    # Live at once on a device: inputs and outputs (donated inputs counted once) plus XLA's scratch.
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
+    return compiled, {"compile_seconds": seconds, "xla_flops": float(cost.get("flops", 0.0)),
+                      "peak_bytes_per_device": int(peak), "temp_bytes_per_device": int(memory.temp_size_in_bytes),
+                      "argument_bytes_per_device": int(memory.argument_size_in_bytes)}
+
+
+def alternate(runners: dict, rounds: int) -> dict:
+    """Median seconds per step of every runner over `rounds` rounds that run them in turn (shared machines drift:
+    alternating spreads the drift over all rows). A runner is `() -> seconds per step`."""
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            times[name].append(runner())
+    return {name: {"median_seconds": statistics.median(t), "all_seconds": t} for name, t in times.items()}
+
+
+def timed(step, steps: int):
+    """A runner: `step()` (which must wait for its results) `steps` times -> seconds per step."""
+    def run():
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return (time.perf_counter() - start) / steps
+    return run
+
+
+def threaded(step_fn, state):
+    """`step()` that advances a donated state held in a closure: `step_fn(state) -> state`, awaited."""
+    holder = [state]
+
+    def step():
+        holder[0] = jax.block_until_ready(step_fn(holder[0]))
+    return step
+
+
+def matmul_peak(dtype=jnp.float32, n: int = 2048, trials: int = 5) -> float:
+    """FLOP/s of the best of `trials` square matmuls: the practical dense peak of this device in this run."""
+    a, b = jax.random.normal(jax.random.PRNGKey(0), (2, n, n), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(trials):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def device_line() -> str:
+    """Which devices this run measured on."""
+    return f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), {os.cpu_count()} host cores"

@@ -1,0 +1,40 @@
+"""The project's MAE step and CL-MAE iteration, built by the trainers' Experiment classes and compiled ahead of
+time, so one compilation gives both XLA's cost / memory figures and the executable that is timed."""
+import jax.numpy as jnp
+
+from bench import harness
+from clmae_jax import train_clmae, train_mae
+
+
+def merge(stats: list) -> dict:
+    """Figures of programs run one after the other: compile time and FLOPs add up, memory peaks do not."""
+    return {"compile_seconds": sum(s["compile_seconds"] for s in stats),
+            "xla_flops": sum(s["xla_flops"] for s in stats),
+            **{k: max(s[k] for s in stats) for k in stats[0] if k.endswith("bytes_per_device")}}
+
+
+def mae(config):
+    """(experiment, step: state -> state, stats) of the MAE update."""
+    experiment = harness.build(train_mae.MAE, config)
+    batch = harness.random_batch(config, experiment.mesh)
+    compiled, stats = harness.compile_stats(experiment.step_fn, experiment.abstract_state(), harness.abstract(batch))
+    return experiment, lambda state: compiled(state, batch)[0], stats
+
+
+def clmae(config):
+    """(experiment, iteration: state -> state, stats) of CL-MAE: the MAE step then the masking-module step, as
+    `CLMAEExperiment.train_step` runs them (here at the first iteration's lambda_CL)."""
+    experiment = harness.build(train_clmae.CLMAEExperiment, config)
+    batch = harness.random_batch(config, experiment.mesh)
+    lambda_now = jnp.float32(train_clmae.lambda_cl(config, experiment.budget, 0))
+    state, spec = experiment.abstract_state(), harness.abstract(batch)
+    first, first_stats = harness.compile_stats(experiment.mae_step, state, spec)
+    second, second_stats = harness.compile_stats(experiment.masker_step, state, spec, lambda_now)
+    iteration = lambda state: second(first(state, batch)[0], batch, lambda_now)[0]
+    return experiment, iteration, merge([first_stats, second_stats])
+
+
+def runner(built, steps: int):
+    """A timing runner (see harness.alternate) over a fresh train state of `built = (experiment, step, stats)`."""
+    experiment, step, _ = built
+    return harness.timed(harness.threaded(step, experiment.create_train_state()), steps)
