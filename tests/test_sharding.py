@@ -159,9 +159,6 @@ def test_checkpoints_restore_into_either_layout(measured):
         assert result["diff"] == 0.0 and result["sharding_as_template"], (pair, result)
 
 
-@pytest.mark.xfail(strict=True, reason="loop.accumulate_gradients splits the batch into contiguous micro-batches, "
-                   "each on a quarter of the devices; fixed by strided micro-batches (x.reshape(B // steps, steps, "
-                   "...).swapaxes(0, 1)), pending in loop.py")
 def test_accumulated_micro_batches_stay_spread_over_all_devices(measured):
     dims = measured["accumulation"]
     assert dims and set(dims) == {64 // 4 // DEVICES}, dims

@@ -64,7 +64,10 @@ def accumulate_gradients(loss_and_grad, params, batch: dict, rng, accum_steps: i
     if batch_size % accum_steps:
         raise UserError(f"The batch of {batch_size} does not split into config.grad_accum_steps={accum_steps} "
                         "equal micro-batches; choose a divisor.")
-    micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+    # Strided micro-batches (rows i, i + steps, ...): each device holds a contiguous block of the sharded batch, so
+    # every micro-batch keeps a share of every device's rows and all devices work in every accumulation step.
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1),
+                         batch)
 
     def body(carry, inputs):
         index, micro_batch = inputs
