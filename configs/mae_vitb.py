@@ -36,6 +36,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=0.0, base_lr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05, schedule="cosine",
         warmup_epochs=40.0, min_lr=0.0, grad_clip=0.0))
+    # Device mesh: data parallelism over every device; fsdp > 1 also splits the train state (FSDP / ZeRO-3) over
+    # groups of that many devices, for ViT-L/H. -1 takes the devices left over.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     config.evals = ml_collections.ConfigDict()  # Encoder evaluators during pretraining, e.g. kNN (see eval_knn.py).
     config.nonfinite = "stop"  # Or "skip": drop non-finite updates and count them.
     config.log_every_steps = 100

@@ -184,7 +184,7 @@ class Run:
     @classmethod
     def create(cls, config, workdir: str):
         """Mesh, training source and step budget, writer and checkpointer for `config`."""
-        mesh = mesh_lib.make_mesh()
+        mesh = mesh_lib.make_mesh(config.get("mesh"))
         mesh_lib.local_batch_size(config.batch_size)
         source = data.load_source(config.input, config.input.train_split)
         budget = Budget(config, *step_budget(config, source.num_examples), source.num_classes)
