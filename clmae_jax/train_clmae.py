@@ -130,7 +130,9 @@ def make_steps(model: CLMAE, tx, lr_schedule, config):
         (loss, aux), grads = loop.accumulate_gradients(loss_and_grad, state.params["masker"], batch, rng,
                                                        config.grad_accum_steps)
         lr = lr_schedule(state.step)
-        state = apply_update(tx, state, "masker", grads, lr, config.clmae.freeze)
+        # masker_lr_scale (not in the official recipe, default 1) lets the module's step move faster than the MAE's.
+        state = apply_update(tx, state, "masker", grads, lr * config.clmae.get("masker_lr_scale", 1.0),
+                             config.clmae.freeze)
         measurements = {"masker_loss": loss, "masker_grad_norm": optax.tree.norm(grads),
                         "lambda_cl": lambda_curriculum, "learning_rate": lr, **aux}
         return state.replace(step=state.step + 1), measurements

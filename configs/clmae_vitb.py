@@ -18,7 +18,8 @@ def clmae_defaults() -> ml_collections.ConfigDict:
         gaussian_sigma=0.12, target_keep_ratio=0.25, diversity_scale=0.1,
         loss_group_size=256,  # Official KL / diversity / L_rec are per GPU over 256 images.
         freeze="exact",  # "official": one AdamW whose zero gradients still move the frozen half (torch < 2).
-        masker_depth=5, masker_heads=4))
+        masker_depth=5, masker_heads=4,
+        masker_lr_scale=1.0))  # Not official: > 1 speeds up the module's step (see the README's adversary study).
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
