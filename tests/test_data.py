@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from clmae_jax.runtime import data
+from clmae_jax.runtime.errors import MissingInputError, UserError
 from configs import mae_fashion_mnist
 
 
@@ -129,3 +130,74 @@ def test_normalize():
     images = np.array([[[[0], [255]]]], np.uint8)
     np.testing.assert_allclose(data.normalize(images, (0.5,), (0.25,)), [[[[-2.0], [2.0]]]])
 
+
+
+def save_image(path, mode: str, fmt: str = "PNG", size=(12, 10)):
+    """A random image of PIL `mode` ('L', 'RGB', 'RGBA', 'P') saved as `fmt`."""
+    rng = np.random.default_rng(len(str(path)))
+    pixels = rng.integers(0, 255, (size[1], size[0], 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA").convert(mode)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    image.save(path, fmt)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_mixed_colour_types_and_formats_are_converted(tmp_path, channels):
+    files = {"a/grey.png": ("L", "PNG"), "a/rgb.jpg": ("RGB", "JPEG"), "a/rgba.png": ("RGBA", "PNG"),
+             "b/palette.gif": ("P", "GIF"), "b/rgb.bmp": ("RGB", "BMP"), "b/grey.jpg": ("L", "JPEG")}
+    for name, (mode, fmt) in files.items():
+        save_image(tmp_path / "train" / name, mode, fmt)
+    config = fmnist_input(source="image_folder", data_dir=str(tmp_path), image_size=8, channels=channels,
+                          augment="none", shuffle_buffer=1)
+    source = data.load_source(config, "train")
+    batch = next(data.train_iterator(config, source, 6, seed=0))
+    assert batch["image"].shape == (6, 8, 8, channels) and source.num_examples == 6
+    # Grey PNG decoded directly to one channel keeps its exact pixels (no colour round trip).
+    if channels == 1:
+        grey = np.asarray(Image.open(tmp_path / "train" / "a" / "grey.png"))
+        decoded = data._decode(tf_read(tmp_path / "train" / "a" / "grey.png"), True, 1)
+        np.testing.assert_array_equal(np.asarray(decoded)[..., 0], grey)
+
+
+def tf_read(path):
+    import tensorflow as tf
+    return tf.io.read_file(str(path))
+
+
+def test_non_images_are_skipped_and_counted_and_empty_classes_keep_their_label(tmp_path, caplog):
+    save_image(tmp_path / "train" / "a" / "0.png", "RGB")
+    save_image(tmp_path / "train" / "c" / "0.png", "RGB")
+    (tmp_path / "train" / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "a" / "fake.jpg").write_text("<html>404</html>")
+    (tmp_path / "train" / "c" / "empty.png").write_bytes(b"")
+    os.makedirs(tmp_path / "train" / "b")  # An empty class folder.
+    config = fmnist_input(source="image_folder", data_dir=str(tmp_path), image_size=8, channels=3, augment="none",
+                          shuffle_buffer=1)
+    with caplog.at_level("WARNING"):
+        source = data.load_source(config, "train")
+    assert (source.num_examples, source.num_classes) == (2, 3)
+    assert "skipped 3 of 5 files" in caplog.text and "fake.jpg (not an image)" in caplog.text
+    assert "class folder(s) b hold no images" in caplog.text
+    batch = next(data.train_iterator(config, source, 2, seed=0))
+    assert sorted(batch["label"].tolist()) == [0, 2]  # 'c' keeps label 2 although 'b' is empty.
+
+
+def test_corrupt_jpeg_is_one_line_naming_the_file(tmp_path):
+    for i in range(3):
+        save_image(tmp_path / "train" / "a" / f"{i}.jpg", "RGB", "JPEG")
+    bad = tmp_path / "train" / "a" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:40])  # Header intact, image data cut off.
+    config = fmnist_input(source="image_folder", data_dir=str(tmp_path), image_size=8, channels=3, augment="none",
+                          shuffle_buffer=1)
+    source = data.load_source(config, "train")
+    with pytest.raises(UserError, match=f"^{bad} cannot be decoded as an image .*; delete or replace that file.$"):
+        next(data.train_iterator(config, source, 3, seed=0))
+    with pytest.raises(UserError, match=str(bad)):
+        next(data.eval_iterator(config, source, 3)[0])
+
+
+def test_empty_split_is_a_clear_error(tmp_path):
+    os.makedirs(tmp_path / "train" / "a")
+    config = fmnist_input(source="image_folder", data_dir=str(tmp_path))
+    with pytest.raises(MissingInputError, match=f"No images .* under {tmp_path}/train/<class>/"):
+        data.load_source(config, "train")

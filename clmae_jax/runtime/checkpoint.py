@@ -1,17 +1,114 @@
-"""Orbax checkpoints: periodic and final saves, keep-N, resume from the latest good step in the workdir.
+"""Orbax checkpoints: periodic saves, keep-N, and a resume that survives what long runs meet.
 
-Orbax writes each step into a temporary folder and renames it when complete, so a crash mid-save leaves the last
-good checkpoint untouched and the partial one is ignored.
+Orbax writes each step into a temporary folder, puts `commit_success.txt` in it and renames it when complete, so a
+crash mid-save leaves only a temporary folder (removed on the next start). Orbax keeps no checksums, though: random
+bytes in a data file restore silently as wrong numbers. So once a save is on disk, process 0 adds `checksums.json`
+(size and CRC-32 of every file) to the step folder, and restore checks it. A step that is uncommitted, fails its
+checksums or does not restore is moved to WORKDIR/checkpoints_corrupt/<step>-<reason> (never deleted) and the
+next older step is tried. A checkpoint of another model (a different tree or shapes) is an error, not corruption.
 """
+import json
 import os
+import re
+import zlib
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from clmae_jax.runtime.errors import UserError
+
+MANIFEST = "checksums.json"
+COMMIT_MARKER = "commit_success.txt"
+CHUNK = 1 << 20
+
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that exists but cannot be read back."""
+    """A checkpoint that cannot be written, or no checkpoint in the workdir that reads back."""
+
+
+def file_digests(folder: str) -> dict:
+    """{relative path: [size, crc32]} of every file under `folder` except the manifest."""
+    digests = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel.startswith(MANIFEST):  # The manifest and a temporary one a crash left behind.
+                continue
+            crc = 0
+            with open(path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    crc = zlib.crc32(chunk, crc)
+            digests[rel] = [os.path.getsize(path), crc]
+    return digests
+
+
+def write_manifest(folder: str):
+    """Writes `folder`/checksums.json atomically (a crash leaves the old state: no manifest)."""
+    digests, tmp = file_digests(folder), os.path.join(folder, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(digests, f)
+    os.replace(tmp, os.path.join(folder, MANIFEST))
+
+
+def integrity_problem(folder: str) -> str | None:
+    """Why the step folder is not a complete, intact checkpoint; None when it is (or has no manifest to check)."""
+    if not os.path.exists(os.path.join(folder, COMMIT_MARKER)):
+        return f"uncommitted (no {COMMIT_MARKER})"
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        return None  # Killed between orbax's commit and the manifest: orbax's marker is all there is to go on.
+    with open(path) as f:
+        expected = json.load(f)
+    for rel, (size, _) in sorted(expected.items()):  # Sizes first: cheap, and names truncation as such.
+        file = os.path.join(folder, rel)
+        if not os.path.exists(file):
+            return f"missing {rel}"
+        if os.path.getsize(file) != size:
+            return f"truncated {rel}" if os.path.getsize(file) < size else f"resized {rel}"
+    actual = file_digests(folder)
+    bad = [rel for rel, digest in sorted(expected.items()) if actual[rel] != digest]
+    return f"checksum mismatch in {bad[0]}" if bad else None
+
+
+def _path(key) -> str:
+    """One component of a pytree path as text (dict key, attribute or index)."""
+    for attribute in ("key", "name", "idx"):
+        if hasattr(key, attribute):
+            return str(getattr(key, attribute))
+    return str(key)
+
+
+def leaf_shapes(tree) -> dict:
+    """{"params/encoder/...": shape} of a pytree of arrays or array metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_path(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def structure_mismatch(saved: dict, wanted: dict) -> str | None:
+    """The first leaf where a checkpoint's shapes differ from this config's train state, in words."""
+    for path, shape in wanted.items():
+        if path not in saved:
+            return f"{path} (shape {shape}) is in this config's train state but not in the checkpoint"
+        if saved[path] != shape:
+            return f"{path} has shape {saved[path]} in the checkpoint and {shape} in this config"
+    extra = [path for path in saved if path not in wanted]
+    return f"the checkpoint has {extra[0]} (shape {saved[extra[0]]}), which this config does not" if extra else None
+
+
+def short(error: BaseException) -> str:
+    """An exception as one short line."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:160]}"
+
+
+def io_reason(error: BaseException) -> str:
+    """The operating system's words for a failed write (tensorstore wraps them), else the short error."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    found = re.search(r":\s*([^:\[\]]+?)\s*\[os_error_code='?(\d+)", str(error))
+    return found.group(1) if found else short(error)
 
 
 class Checkpointer:
@@ -19,33 +116,111 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int = 3):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.corrupt_directory = os.path.abspath(os.path.join(workdir, "checkpoints_corrupt"))
+        # cleanup_tmp_directories: temporary folders of saves a crash interrupted are never complete checkpoints.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.pending = None  # The step being written in the background, checksummed once it is on disk.
+
+    def step_folder(self, step: int) -> str:
+        """Where orbax keeps `step`."""
+        return os.path.join(self.directory, str(step))
 
     def latest_step(self):
-        """The newest complete step, or None."""
+        """The newest committed step folder, or None (restore falls back if it does not read back)."""
         return self.manager.latest_step()
 
     def save(self, step: int, state, metadata: dict):
-        """Saves asynchronously; training continues while the write finishes."""
+        """Saves asynchronously; training continues while the write finishes. Raises CheckpointError (one line)
+        when a write fails, e.g. a full disk; the previous checkpoint stays intact."""
+        self.finish()
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata))
-        self.manager.save(step, args=args)
+        try:
+            self.manager.save(step, args=args)
+        except Exception as e:  # Orbax and tensorstore raise OSError, ValueError and others for failed writes.
+            raise self.save_error(step, e) from e
+        self.pending = step
+
+    def finish(self):
+        """Waits for the background save and writes its checksums; raises CheckpointError if it failed."""
+        step, self.pending = self.pending, None
+        if step is None:
+            return
+        try:
+            self.manager.wait_until_finished()
+            if jax.process_index() == 0:
+                write_manifest(self.step_folder(step))
+        except Exception as e:  # As in save: whatever the writer raises, the user needs the step and the reason.
+            raise self.save_error(step, e) from e
+
+    def save_error(self, step: int, error: BaseException) -> CheckpointError:
+        """The one-line error for a failed save of `step`."""
+        self.manager.reload()  # The failed step must not count as saved.
+        previous = [s for s in self.manager.all_steps() if s != step]
+        kept = f"the checkpoint of step {max(previous)} is intact" if previous else "no earlier checkpoint exists"
+        return CheckpointError(f"Saving checkpoint step {step} in {self.directory} failed ({io_reason(error)}); "
+                               f"{kept}. Free disk space (or fix the folder's permissions) and rerun to resume.")
 
     def restore(self, template_state, step=None):
-        """Restores (state, metadata) at `step` (default: latest) into the shardings of `template_state`."""
-        step = self.latest_step() if step is None else step
+        """Restores (state, metadata) at `step` (default: the newest that reads back) into the shardings of
+        `template_state`. Steps that do not read back are moved to checkpoints_corrupt/ with a warning."""
+        wanted = leaf_shapes(template_state)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template_state)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), metadata=ocp.args.JsonRestore())
+        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        failed = []
+        for candidate in steps:
+            reason = self.problem(candidate, wanted)
+            if reason is None:
+                try:
+                    restored = self.manager.restore(candidate, args=args)
+                except Exception as e:  # Orbax raises many types for unreadable files.
+                    reason = f"unreadable ({short(e)})"
+            if reason is not None:
+                failed.append((candidate, reason))
+                continue
+            self.set_aside(failed)
+            logging.info("Restored checkpoint %s%s", self.step_folder(candidate),
+                         ", the newest that reads back" if failed else "")
+            return restored["state"], restored["metadata"]
+        raise CheckpointError(f"No checkpoint in {self.directory} can be restored: {self.describe(failed)}. "
+                              f"Move those step folders elsewhere to start over, or use a new --workdir.")
+
+    def problem(self, step: int, wanted: dict) -> str | None:
+        """Why `step` cannot be restored (None: try it). Raises UserError when it holds another model."""
+        reason = integrity_problem(self.step_folder(step))
+        if reason is not None:
+            return reason
         try:
-            restored = self.manager.restore(step, args=args)
-        except Exception as e:  # Orbax raises many types for unreadable or mismatched files.
-            raise CheckpointError(
-                f"Checkpoint {self.directory}/{step} cannot be restored ({type(e).__name__}: {str(e)[:200]}); "
-                f"delete that step folder to resume from the one before, or use a new --workdir.") from e
-        logging.info("Restored checkpoint %s/%d", self.directory, step)
-        return restored["state"], restored["metadata"]
+            metadata = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # A missing or garbled _METADATA file.
+            return f"unreadable metadata ({short(e)})"
+        mismatch = structure_mismatch(leaf_shapes(getattr(metadata, "tree", metadata)), wanted)
+        if mismatch:
+            raise UserError(f"Checkpoint {self.step_folder(step)} was written by another config: {mismatch}; "
+                            "use a new --workdir, or the config (experiment, model size) that wrote it.")
+        return None
+
+    def describe(self, failed) -> str:
+        """'step 6 (reason), step 5 (reason)'."""
+        return ", ".join(f"step {step} ({reason})" for step, reason in failed) or "no step folders"
+
+    def set_aside(self, failed):
+        """Moves unusable step folders to checkpoints_corrupt/<step>-<reason> (process 0; the others wait)."""
+        if failed and jax.process_index() == 0:
+            os.makedirs(self.corrupt_directory, exist_ok=True)
+            for step, reason in failed:
+                target = os.path.join(self.corrupt_directory, f"{step}-{reason.split()[0].strip('()')}")
+                while os.path.exists(target):
+                    target += "+"
+                os.rename(self.step_folder(step), target)
+                logging.warning("Checkpoint step %d cannot be restored: %s; moved it to %s", step, reason, target)
+        if failed and jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("clmae_checkpoint_set_aside")
+        self.manager.reload()
 
     def close(self):
-        """Blocks until pending saves are on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until pending saves are on disk (and checksummed)."""
+        self.finish()
         self.manager.close()

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from clmae_jax.runtime.errors import MissingInputError, UserError
 
@@ -29,6 +30,7 @@ class Source:
     num_examples: int  # Global, over all processes.
     num_classes: int
     encoded: bool  # True when "image" holds encoded bytes (decoded after shuffling/skipping, so skips are cheap).
+    files: tuple = ()  # The image files, in label order, when the source is a folder (to name one that fails).
 
 
 def _process_range(num_examples: int) -> tuple[int, int]:
@@ -88,27 +90,63 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
     return Source(dataset, num_examples, builder.info.features["label"].num_classes, encoded=True)
 
 
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")  # JPEG, PNG, GIF, BMP.
+
+
+def not_an_image(path: str) -> str | None:
+    """Why `path` is not an image by its first bytes ("empty", "not an image"), or None: a cheap check that keeps
+    text files and failed downloads named .jpg out of the stream without decoding every image."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "empty"
+    return None if head.startswith(IMAGE_MAGIC) else "not an image"
+
+
+def list_images(root: str, classes: list) -> tuple[list, list, dict]:
+    """(files, labels, skipped) under root/<class>/**; skipped maps each left-out file to the reason."""
+    files, labels, skipped = [], [], {}
+    for label, name in enumerate(classes):
+        # Recursive, so Tiny ImageNet's train/<wnid>/images/*.JPEG is read as it is unpacked.
+        for folder, _, names in sorted(tf.io.gfile.walk(os.path.join(root, name))):
+            for f in sorted(names):
+                path = os.path.join(folder, f)
+                reason = "not an image file name" if not f.lower().endswith(IMAGE_EXTENSIONS) else not_an_image(path)
+                if reason:
+                    skipped[path] = reason
+                else:
+                    files.append(path)
+                    labels.append(label)
+    return files, labels, skipped
+
+
 def image_folder(split: str, data_dir: str) -> Source:
-    """`data_dir/split/<class>/**/<image>` folders (Tiny ImageNet, transfer sets); classes sorted by name."""
+    """`data_dir/split/<class>/**/<image>` folders (Tiny ImageNet, transfer sets); classes sorted by name.
+
+    Files that are not images (by name or by their first bytes) are skipped and counted in the log; an empty class
+    folder keeps its label, so every split numbers the classes alike. Every process lists and checks all files,
+    so all agree on the split.
+    """
     root = os.path.join(data_dir or "", split)
     if not tf.io.gfile.isdir(root):
         raise MissingInputError(f"Image folder {root} not found; set config.input.data_dir to a folder holding "
                                 f"{split}/<class>/<image> files.")
     classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(os.path.join(root, d)))
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        # Recursive, so Tiny ImageNet's train/<wnid>/images/*.JPEG is read as it is unpacked.
-        for folder, _, names in sorted(tf.io.gfile.walk(os.path.join(root, name))):
-            for f in sorted(names):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.join(folder, f))
-                    labels.append(label)
+    files, labels, skipped = list_images(root, classes)
     if not files:
         raise MissingInputError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/.")
+    if skipped:
+        examples = ", ".join(f"{os.path.relpath(p, root)} ({r})" for p, r in list(skipped.items())[:3])
+        logging.warning("%s: skipped %d of %d files that are not images, e.g. %s", root, len(skipped),
+                        len(files) + len(skipped), examples)
+    present = set(labels)
+    empty = [c for i, c in enumerate(classes) if i not in present]
+    if empty:
+        logging.warning("%s: class folder(s) %s hold no images; they keep their label", root, ", ".join(empty))
     start, stop = _process_range(len(files))
     dataset = tf.data.Dataset.from_tensor_slices((files[start:stop], np.asarray(labels[start:stop], np.int32)))
     dataset = dataset.map(lambda f, y: {"image": tf.io.read_file(f), "label": y})
-    return Source(dataset, len(files), len(classes), encoded=True)
+    return Source(dataset, len(files), len(classes), encoded=True, files=tuple(files[start:stop]))
 
 
 def load_source(config, split: str) -> Source:
@@ -123,10 +161,20 @@ def load_source(config, split: str) -> Source:
     raise UserError(f"Unknown config.input.source {kind!r}; use 'tfds', 'fashion_mnist_idx' or 'image_folder'.")
 
 
+def _decode_bytes(image, channels: int):
+    """uint8 [H,W,channels] from JPEG / PNG / GIF / BMP bytes of any colour type: grey, RGB, RGBA, palette."""
+    if channels == 3:
+        return tf.io.decode_image(image, channels=3, expand_animations=False)
+    # GIF and BMP decode only to RGB; JPEG and PNG decode to grey directly (exactly, without a colour round trip).
+    grey_decoder = tf.io.is_jpeg(image) | tf.equal(tf.strings.substr(image, 0, 4), b"\x89PNG")
+    return tf.cond(grey_decoder, lambda: tf.io.decode_image(image, channels=1, expand_animations=False),
+                   lambda: tf.image.rgb_to_grayscale(tf.io.decode_image(image, channels=3, expand_animations=False)))
+
+
 def _decode(image, encoded: bool, channels: int):
     """uint8 [H,W,channels] from encoded bytes or a raw array (grey images are repeated to RGB when asked)."""
     if encoded:
-        image = tf.io.decode_image(image, channels=channels, expand_animations=False)
+        image = _decode_bytes(image, channels)
     elif image.shape[-1] != channels:
         image = tf.image.grayscale_to_rgb(image) if channels == 3 else tf.image.rgb_to_grayscale(image)
     return image
@@ -198,7 +246,7 @@ def train_iterator(config, source: Source, batch_size: int, seed: int, start_ste
     ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(offset)
     ds = ds.map(lambda s, ex: preprocess_train(ex, s, config, source.encoded), num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    return numpy_batches(ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE), source, config)
 
 
 def eval_iterator(config, source: Source, batch_size: int):
@@ -225,7 +273,36 @@ def eval_iterator(config, source: Source, batch_size: int):
     pad = {"image": tf.zeros((config.image_size, config.image_size, config.channels), tf.uint8),
            "label": tf.constant(0, tf.int32), "mask": tf.constant(0, tf.int32)}
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(num_batches * batch_size)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator(), num_batches
+    return numpy_batches(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE), source, config), num_batches
+
+
+def undecodable(files, channels: int) -> tuple[str, str] | None:
+    """(file, reason) of the first file the pipeline's decoder rejects, or None."""
+    for path in files:
+        try:
+            _decode_bytes(tf.io.read_file(path), channels)
+        except tf.errors.OpError as e:
+            return path, e.message.strip().splitlines()[0]
+    return None
+
+
+def numpy_batches(dataset: tf.data.Dataset, source: Source, config):
+    """Yields the dataset's batches as numpy; an image that fails to decode is a one-line error naming the file
+    (tf.data's own error names neither the file nor the fix)."""
+    iterator = dataset.as_numpy_iterator()
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as e:
+            found = undecodable(source.files, config.channels) if source.encoded else None
+            if found:
+                raise UserError(f"{found[0]} cannot be decoded as an image ({found[1]}); delete or replace "
+                                "that file.") from e
+            raise UserError(f"An example of the input could not be read ({e.message.strip().splitlines()[0]}); "
+                            "check config.input and rebuild the dataset.") from e
+        yield batch
 
 
 def normalize(images, mean, std):

@@ -1,0 +1,177 @@
+"""Every value a user sets, checked before anything is built or compiled: one line naming the field and the fix.
+
+Checks that need the data (batch larger than the split) or the trainer's own tables (CBM schedules, CvT weights)
+stay where those are known; everything else is here, so a bad value fails in a second, not after a compile.
+"""
+import os
+import tempfile
+
+import jax
+
+from clmae_jax.runtime.errors import UserError
+
+NAMES = {  # Field -> accepted values (the modules that read them raise the same lists).
+    "nonfinite": ("stop", "skip"),
+    "input.source": ("tfds", "fashion_mnist_idx", "image_folder"),
+    "input.augment": ("mae", "crop_flip", "none"),
+    "input.eval_transform": ("center_crop", "resize"),
+    "optimizer.name": ("adamw", "sgd", "adamax"),
+    "optimizer.schedule": ("cosine", "step", "constant"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "clmae.curriculum": ("linear", "partner", "adversary", "neutral"),
+    "clmae.freeze": ("exact", "official"),
+    "cbm.salience": ("sobel", "uniform"),
+}
+
+# Field -> (lowest allowed, fix). Integers unless noted; absent fields are not checked.
+AT_LEAST = {
+    "batch_size": (1, "give the global batch over all devices"),
+    "grad_accum_steps": (1, "use 1 for no accumulation"),
+    "eval_batch_size": (1, "give the global evaluation batch"),
+    "num_epochs": (0, "give a number of epochs, or total_steps > 0"),
+    "total_steps": (0, "give a number of steps (0: use num_epochs)"),
+    "stop_after_steps": (0, "use 0 to train to the end"),
+    "log_every_steps": (0, "use 0 to log only at the end"),
+    "image_every_steps": (0, "use 0 to draw only at the end"),
+    "checkpoint_every_steps": (0, "use 0 to save only at the end"),
+    "keep_checkpoints": (1, "keep at least the latest checkpoint"),
+    "num_summary_images": (1, "draw at least one image"),
+    "input.image_size": (1, "give the side in pixels"),
+    "input.shuffle_buffer": (1, "use 1 for no shuffling"),
+    "model.patch_size": (1, "give the patch side in pixels"),
+    "clmae.loss_group_size": (2, "the diversity term compares images within a group; use at least 2"),
+    "clmae.curriculum_stages": (0, "use 0 for one stage per epoch"),
+    "clmae.masker_depth": (1, "give the number of masking-module blocks"),
+    "clmae.masker_heads": (1, "give the number of attention heads"),
+    "cbm.grid": (1, "give the cells per side (4 in the paper)"),
+}
+
+NON_NEGATIVE = ("optimizer.lr", "optimizer.base_lr", "optimizer.weight_decay", "optimizer.warmup_epochs",
+                "optimizer.min_lr", "optimizer.grad_clip")
+
+
+def get(config, field: str):
+    """config's value at a dotted field, or None when absent."""
+    node = config
+    for key in field.split("."):
+        if not hasattr(node, "get") or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def fail(field: str, value, problem: str, fix: str):
+    """Raises the one-line error for a bad field."""
+    raise UserError(f"config.{field}={value!r} {problem}; {fix}.")
+
+
+def check_names(config):
+    """Every enumerated field holds one of its accepted values."""
+    for field, allowed in NAMES.items():
+        value = get(config, field)
+        if value is not None and value not in allowed:
+            fail(field, value, "is not a known value", f"use one of {', '.join(map(repr, allowed))}")
+
+
+def check_ranges(config):
+    """Counts and sizes are integers in range; rates are non-negative numbers."""
+    for field, (lowest, fix) in AT_LEAST.items():
+        value = get(config, field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < lowest):
+            fail(field, value, f"must be an integer >= {lowest}", fix)
+    for field in NON_NEGATIVE:
+        value = get(config, field)
+        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+            fail(field, value, "must be a number >= 0", "use 0 to turn it off")
+    for field in ("optimizer.b1", "optimizer.b2", "optimizer.momentum"):
+        value = get(config, field)
+        if value is not None and not 0 <= value < 1:
+            fail(field, value, "must be in [0, 1)", "the usual values are 0.9 to 0.999")
+    if get(config, "total_steps") == 0 and get(config, "num_epochs") == 0:
+        fail("total_steps", 0, "and config.num_epochs=0 give no training", "set one of them above 0")
+    if get(config, "optimizer.lr") == 0 and get(config, "optimizer.base_lr") == 0:
+        fail("optimizer.lr", 0.0, "and config.optimizer.base_lr=0 give no learning", "set one of them above 0")
+
+
+def check_batch(config):
+    """The global batch splits over processes, devices, accumulation steps and CL-MAE loss groups."""
+    batch, accum = config.batch_size, config.get("grad_accum_steps", 1)
+    devices = jax.device_count()
+    if batch % accum:
+        fail("batch_size", batch, f"does not split into config.grad_accum_steps={accum} micro-batches",
+             "choose a multiple of grad_accum_steps")
+    if (batch // accum) % devices:
+        what = f"micro-batch of {batch // accum}" if accum > 1 else "batch"
+        fail("batch_size", batch, f"gives a {what} not divisible by the {devices} devices",
+             f"choose a multiple of {devices * accum}")
+    eval_batch = config.get("eval_batch_size")
+    if eval_batch and eval_batch % devices:
+        fail("eval_batch_size", eval_batch, f"is not divisible by the {devices} devices",
+             f"choose a multiple of {devices}")
+    group = get(config, "clmae.loss_group_size")
+    if group and batch % group:
+        fail("clmae.loss_group_size", group, f"does not divide config.batch_size={batch}",
+             "choose a divisor of the batch (the official code: 256)")
+
+
+def check_input(config):
+    """Image size, channels, normalisation, crops and where the data is."""
+    c = config.input
+    if c.get("channels") not in (1, 3):
+        fail("input.channels", c.get("channels"), "must be 1 (grey) or 3 (RGB)", "RGBA and grey images are "
+             "converted to it")
+    for field in ("mean", "std"):
+        if len(c[field]) != c.channels:
+            fail(f"input.{field}", tuple(c[field]), f"needs one value per channel ({c.channels})",
+                 "give as many values as config.input.channels")
+    if min(c.std) <= 0:
+        fail("input.std", tuple(c.std), "must be positive", "use the data set's per-channel standard deviation")
+    low, high = c.get("crop_scale", (0.5, 1.0))
+    if not 0 < low <= high <= 1:
+        fail("input.crop_scale", tuple(c.crop_scale), "must satisfy 0 < low <= high <= 1", "e.g. (0.2, 1.0)")
+    if not 0 < c.get("eval_crop_ratio", 1.0) <= 1:
+        fail("input.eval_crop_ratio", c.eval_crop_ratio, "must be in (0, 1]", "use 1.0 for no crop, 0.875 for "
+             "ImageNet")
+    if c.source == "image_folder" and not c.get("data_dir"):
+        fail("input.data_dir", "", "is empty but config.input.source='image_folder' reads from it",
+             "set it to the folder holding <split>/<class>/<image> files")
+
+
+def check_model(config):
+    """Mask ratio and patch grid of MAE / CL-MAE models."""
+    patch, size = get(config, "model.patch_size"), config.input.image_size
+    if patch and size % patch:
+        fail("input.image_size", size, f"is not divisible by config.model.patch_size={patch}", "change one of them")
+    ratio = get(config, "mae.mask_ratio")
+    if ratio is None:
+        return
+    if not 0 < ratio < 1:
+        fail("mae.mask_ratio", ratio, "must be strictly between 0 and 1", "the MAE paper uses 0.75")
+    tokens = (size // patch) ** 2
+    if int(tokens * (1 - ratio)) < 1:
+        fail("mae.mask_ratio", ratio, f"leaves no visible token of {tokens}", "lower it")
+    keep = get(config, "clmae.target_keep_ratio")
+    if keep is not None and not 0 < keep <= 1:
+        fail("clmae.target_keep_ratio", keep, "must be in (0, 1]", "the official code uses 0.25")
+
+
+def check_workdir(workdir: str):
+    """The workdir exists or can be made, and takes files."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise UserError(f"--workdir={workdir} is not writable ({e.strerror}); choose a folder you can write to, "
+                        "or fix its permissions.") from e
+
+
+def check_config(config, workdir: str | None = None):
+    """Raises UserError for the first bad user-set value of `config` (and an unusable `workdir`)."""
+    check_ranges(config)
+    check_names(config)
+    check_batch(config)
+    check_input(config)
+    check_model(config)
+    if workdir is not None:
+        check_workdir(workdir)
