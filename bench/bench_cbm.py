@@ -19,12 +19,10 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
 
+from bench import harness  # noqa: E402
 from cbm_jax import train_supervised as cbm  # noqa: E402
 from cbm_jax.masking import num_masked_patches  # noqa: E402
-from clmae_jax.runtime import optim  # noqa: E402
 from configs import cbm_fashion_mnist, cbm_paper  # noqa: E402
 
 flags.DEFINE_list("cases", ["fashion_mnist", "resnet18:cifar100"], "fashion_mnist or MODEL:DATASET of cbm_paper.")
@@ -58,29 +56,30 @@ def seconds_per_call(fn, *args) -> float:
 def bench_case(case: str) -> dict:
     """Median step seconds of the baseline and the CBM step, and of the masking alone, for one case."""
     config = case_config(case)
-    size, channels = config.input.image_size, config.input.channels
-    images = jax.random.randint(jax.random.PRNGKey(0), (FLAGS.batch, size, size, channels), 0, 256).astype(jnp.uint8)
-    batch = {"image": images, "label": jnp.arange(FLAGS.batch) % 10}
-    model = cbm.build_classifier(config, 10)
-    variables = cbm.init_variables(model, config, 10)
-    lr_schedule = optax.constant_schedule(config.optimizer.lr)
-    tx = optim.make_optimizer(config.optimizer, lr_schedule)
-    state = cbm.fresh_state(variables, tx)
-    step = jax.jit(cbm.make_train_step(model, tx, lr_schedule, config), static_argnums=2)
+    experiment = harness.build(cbm.Supervised, config, num_classes=10)
+    batch = harness.random_batch(config, experiment.mesh, labels=10)
+    images, state = batch["image"], [experiment.create_train_state()]
+
+    def step(num_masked):
+        """One update of the trainer's compiled step; it donates its state, so the state is threaded through."""
+        state[0], measurements = experiment.step_fn(state[0], batch, num_masked)
+        return measurements
+
     masking = jax.jit(lambda x, rng, k: cbm.masked_inputs(config, x, rng, k), static_argnums=2)
     k = max(num_masked_patches(r, config.cbm.grid**2) for r in cbm.masking_ratios(config, 5))
     rng = jax.random.PRNGKey(1)
     for num_masked in (0, k):  # Compile both outside the timings.
-        jax.block_until_ready(step(state, batch, num_masked))
+        jax.block_until_ready(step(num_masked))
         jax.block_until_ready(masking(images, rng, num_masked))
     times = {"baseline": [], "cbm": [], "masking_only": [], "normalize_only": []}
     for _ in range(FLAGS.rounds):
-        times["baseline"].append(seconds_per_call(step, state, batch, 0))
-        times["cbm"].append(seconds_per_call(step, state, batch, k))
+        times["baseline"].append(seconds_per_call(step, 0))
+        times["cbm"].append(seconds_per_call(step, k))
         times["masking_only"].append(seconds_per_call(masking, images, rng, k))
         times["normalize_only"].append(seconds_per_call(masking, images, rng, 0))
     median = {name: statistics.median(values) for name, values in times.items()}
-    return {"case": case, "model": config.model.name, "image_size": size, "batch": FLAGS.batch, "masked_cells": k,
+    return {"case": case, "model": config.model.name, "image_size": config.input.image_size, "batch": FLAGS.batch,
+            "masked_cells": k,
             **{f"{name}_seconds": value for name, value in median.items()},
             "cbm_over_baseline": median["cbm"] / median["baseline"]}
 

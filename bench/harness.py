@@ -30,9 +30,13 @@ def random_batch(config, mesh, labels: int = 0) -> dict:
     return mesh_lib.to_global(batch, mesh)
 
 
-def abstract(tree):
-    """Shapes, dtypes and shardings of `tree`: what `lower` needs, without holding the arrays."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+def batch_spec(config, mesh, labels: int = 0) -> dict:
+    """Shapes, dtypes and shardings of `random_batch(config, mesh, labels)`, without allocating it."""
+    size, channels, sharding = config.input.image_size, config.input.channels, mesh_lib.batch_sharding(mesh)
+    spec = {"image": jax.ShapeDtypeStruct((config.batch_size, size, size, channels), jnp.uint8, sharding=sharding)}
+    if labels:
+        spec["label"] = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=sharding)
+    return spec
 
 
 def compile_stats(jitted, *args) -> tuple[object, dict]:
