@@ -1,0 +1,166 @@
+"""Pretrained encoders for evaluation: the ViT encoder of an MAE or CL-MAE run, or raw pixels (the baseline).
+
+An `Encoder` holds only what evaluation needs (patch embedding, CLS token, encoder blocks and norm); the MAE
+decoder and CL-MAE's masking module are never loaded. Its `features(images)` gives the two pooled features of
+facebookresearch/mae `models_vit.py`:
+- "cls": the CLS token after the encoder's final LayerNorm (`global_pool=False`, the linear probe's default);
+- "gap": the mean of the patch tokens of the last block, before the final LayerNorm (which `global_pool=True`
+  deletes), through `fc_norm`, a fresh LayerNorm (weight 1, bias 0, eps 1e-6): the kNN feature of the CL-MAE code.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clmae_jax.models.vit import Block, ClsToken, PatchEmbed, sincos_2d, vit_size
+from clmae_jax.runtime import data
+from clmae_jax.runtime.errors import UserError
+
+RAW_PIXELS = "raw_pixels"
+POOLS = ("gap", "cls")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """What must agree between an encoder's weights and the model that runs them."""
+
+    width: int
+    depth: int
+    patch_size: int
+    channels: int
+
+    def describe(self) -> str:
+        """'width 128, depth 4, patch 4, 1 channel(s)'."""
+        return f"width {self.width}, depth {self.depth}, patch {self.patch_size}, {self.channels} channel(s)"
+
+
+def params_geometry(params) -> Geometry:
+    """The geometry that an MAE-layout encoder parameter tree has (read from its shapes)."""
+    kernel = params["patch_embed"]["proj"]["kernel"]  # [p, p, C, D]
+    depth = sum(1 for name in params["encoder"] if name.startswith("block"))
+    return Geometry(int(kernel.shape[-1]), depth, int(kernel.shape[0]), int(kernel.shape[2]))
+
+
+def config_geometry(config) -> Geometry:
+    """The geometry a training config's model and input describe."""
+    size = vit_size(config.model.size)
+    return Geometry(size["width"], size["depth"], config.model.patch_size, config.input.channels)
+
+
+def check_geometry(found: Geometry, found_name: str, wanted: Geometry, wanted_name: str):
+    """One-line UserError naming both sides when two geometries differ."""
+    if found != wanted:
+        raise UserError(f"Encoder geometry mismatch: {found_name} has {found.describe()} but {wanted_name} has "
+                        f"{wanted.describe()}; point config.encoder.checkpoint at a matching encoder or fix the "
+                        "config.")
+
+
+def fresh_layer_norm(x, eps: float = 1e-6):
+    """fc_norm of the official kNN: a LayerNorm never trained (weight 1, bias 0), i.e. without affine."""
+    mean = x.mean(axis=-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
+
+
+class EncoderStack(nn.Module):
+    """The MAE encoder's blocks and final norm (the names of vit.Transformer): -> (last block output, normed)."""
+
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+    attention: str = "einsum"
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.depth):
+            x = Block(self.num_heads, self.mlp_ratio, 1e-6, self.dtype, self.attention, name=f"block{i}")(x)
+        return x, nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+
+
+class ViTEncoder(nn.Module):
+    """The MAE encoder on all tokens (nothing masked), returning both pooled features in float32."""
+
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+    attention: str = "einsum"
+
+    def setup(self):
+        self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
+        self.cls_token = ClsToken()
+        self.encoder = EncoderStack(self.depth, self.num_heads, self.mlp_ratio, self.dtype, self.attention)
+
+    def __call__(self, images):
+        x = self.patch_embed(images.astype(self.dtype))
+        grid = int(round(x.shape[1] ** 0.5))
+        x = x + jnp.asarray(sincos_2d(self.width, grid), self.dtype)[None]
+        last, normed = self.encoder(self.cls_token(x))
+        return {"gap": fresh_layer_norm(last[:, 1:].astype(jnp.float32).mean(axis=1)),
+                "cls": normed[:, 0].astype(jnp.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """A frozen encoder: `features(images uint8 [B,H,W,C]) -> {"gap", "cls"}` float32 [B, D] (pure, jittable)."""
+
+    name: str  # Where it came from, for tables and errors.
+    params: Any  # MAE-layout encoder parameters; None for raw pixels.
+    num_heads: int = 0
+    mean: tuple = (0.0,)
+    std: tuple = (1.0,)
+    step: int = 0
+    dtype: str = "float32"
+    attention: str = "einsum"
+
+    @property
+    def is_raw_pixels(self) -> bool:
+        """True for the pixel baseline."""
+        return self.params is None
+
+    @property
+    def geometry(self) -> Geometry:
+        """Width, depth, patch size and channels of the weights."""
+        return params_geometry(self.params)
+
+    def module(self) -> ViTEncoder:
+        """The flax module that runs these weights."""
+        g = self.geometry
+        return ViTEncoder(g.patch_size, g.width, g.depth, self.num_heads, dtype=jnp.dtype(self.dtype),
+                          attention=self.attention)
+
+    def features(self, params, images):
+        """Pooled features of uint8 images, normalised with the encoder's mean/std; raw pixels give the
+        normalised pixels flattened (both pools), so the baseline runs through the same code."""
+        x = data.normalize(images, self.mean, self.std)
+        if self.is_raw_pixels:
+            flat = x.reshape(x.shape[0], -1)
+            return {"gap": flat, "cls": flat}
+        return self.module().apply({"params": params}, x)
+
+
+def encoder_params(mae_params) -> dict:
+    """The encoder half of an MAE parameter tree (the decoder, mask token and prediction head dropped)."""
+    return {k: mae_params[k] for k in ("patch_embed", "cls_token", "encoder")}
+
+
+def raw_pixels(mean, std) -> Encoder:
+    """The trivial baseline: features are the normalised pixels."""
+    return Encoder(name=RAW_PIXELS, params=None, mean=tuple(mean), std=tuple(std))
+
+
+def feature_pool(eval_config, default: str) -> str:
+    """eval_config.pool ('gap' or 'cls'), defaulting to the protocol's official choice."""
+    pool = eval_config.get("pool") or default
+    if pool not in POOLS:
+        raise UserError(f"Unknown pool {pool!r} in config.evals; use one of {POOLS}.")
+    return pool
+
+
+def jitted_features(encoder: Encoder, pool: str):
+    """jit of (params, images) -> [B, D] float32 features of `pool`."""
+    return jax.jit(lambda params, images: encoder.features(params, images)[pool])

@@ -1,0 +1,138 @@
+"""Finds and restores the encoder that config.encoder.checkpoint names.
+
+Accepted: an MAE or CL-MAE workdir (its newest committed checkpoint, or config.encoder.step), one of its step
+folders (WORKDIR/checkpoints/<step>), "raw_pixels", or anything else `clmae_jax.interop.load_pretrained` reads
+(PyTorch .pth / .safetensors / Hugging Face folders). Only the encoder's leaves are read from disk: the decoder,
+CL-MAE's masking module and the optimizer state stay on disk.
+"""
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from clmae_jax.evaluate.encoder import (RAW_PIXELS, Encoder, Geometry, check_geometry, config_geometry,
+                                       encoder_params, raw_pixels)
+from clmae_jax.models.vit import vit_size
+from clmae_jax.runtime.checkpoint import COMMIT_MARKER
+from clmae_jax.runtime.errors import MissingInputError, UserError
+
+ENCODER_KEYS = ("patch_embed", "cls_token", "encoder")
+
+
+def committed_steps(checkpoints_dir: str) -> list:
+    """Steps under WORKDIR/checkpoints that orbax finished writing, oldest first."""
+    if not os.path.isdir(checkpoints_dir):
+        return []
+    steps = [int(n) for n in os.listdir(checkpoints_dir)
+             if n.isdigit() and os.path.exists(os.path.join(checkpoints_dir, n, COMMIT_MARKER))]
+    return sorted(steps)
+
+
+def resolve_step_folder(path: str, step: int = -1) -> tuple[str, str, int]:
+    """(workdir, step folder, step) for a workdir (newest step, or `step` when >= 0) or a step folder."""
+    path = os.path.abspath(path.rstrip("/"))
+    if os.path.isdir(os.path.join(path, "state")):  # A step folder: WORKDIR/checkpoints/<step>.
+        return os.path.dirname(os.path.dirname(path)), path, int(os.path.basename(path))
+    steps = committed_steps(os.path.join(path, "checkpoints"))
+    if not steps:
+        raise MissingInputError(f"No committed checkpoint under {path}/checkpoints; point config.encoder.checkpoint at "
+                                "an MAE / CL-MAE workdir or one of its checkpoints/<step> folders.")
+    if step >= 0 and step not in steps:
+        raise MissingInputError(f"{path} has no checkpoint of step {step} (it has {steps}); fix config.encoder.step.")
+    chosen = step if step >= 0 else steps[-1]
+    return path, os.path.join(path, "checkpoints", str(chosen)), chosen
+
+
+def is_workdir_or_step(path: str) -> bool:
+    """True for our own run folders (a workdir with checkpoints/, or a step folder with state/)."""
+    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "state"))
+
+
+def read_train_config(workdir: str) -> ml_collections.ConfigDict:
+    """The training config a run saved in WORKDIR/config.json."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise MissingInputError(f"{path} not found: the encoder's geometry (ViT size) is unknown; the run's workdir "
+                                "must hold the config.json main.py writes.")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_encoder_params(step_folder: str) -> dict:
+    """The MAE encoder leaves of a checkpoint as numpy (MAE: params/..., CL-MAE: params/mae/...), nothing else."""
+    state = os.path.join(step_folder, "state")
+    tree = ocp.PyTreeCheckpointer().metadata(state)
+    tree = getattr(tree, "item_metadata", tree)
+    tree = getattr(tree, "tree", tree)
+    params = tree["params"]
+    mae = params["mae"] if "mae" in params else params
+    missing = [k for k in ENCODER_KEYS if k not in mae]
+    if missing:
+        raise UserError(f"{step_folder} holds no MAE encoder (no params/{missing[0]}); point config.encoder.checkpoint "
+                        "at an MAE or CL-MAE run.")
+    wanted = {k: mae[k] for k in ENCODER_KEYS}
+    wanted = {"params": {"mae": wanted} if "mae" in params else wanted}
+    item = jax.tree.map(lambda m: np.zeros((), m.dtype), wanted)  # Leaf types only; shapes come from the files.
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    restored = ocp.PyTreeCheckpointer().restore(state, args=args)["params"]
+    return restored["mae"] if "mae" in params else restored
+
+
+def load_run_encoder(path: str, encoder_config) -> Encoder:
+    """The encoder of an MAE / CL-MAE workdir or step folder, geometry checked against its config.json."""
+    workdir, folder, step = resolve_step_folder(path, encoder_config.get("step", -1))
+    train_config = read_train_config(workdir)
+    params = restore_encoder_params(folder)
+    encoder = Encoder(name=f"{workdir}@{step}", params=params, num_heads=vit_size(train_config.model.size)["num_heads"],
+                      mean=tuple(train_config.input.mean), std=tuple(train_config.input.std), step=step)
+    check_geometry(encoder.geometry, f"checkpoint {folder}", config_geometry(train_config),
+                   f"its run's config.json (model.size {train_config.model.size!r})")
+    return encoder
+
+
+def load_foreign_encoder(path: str) -> Encoder:
+    """A PyTorch / Hugging Face encoder through clmae_jax.interop (imported only when needed)."""
+    try:
+        from clmae_jax.interop import load_pretrained
+    except ImportError as e:
+        raise UserError(f"{path} is not an MAE / CL-MAE workdir or step folder, and the PyTorch importer "
+                        "(clmae_jax.interop) is not available in this installation; convert the weights or point "
+                        "config.encoder.checkpoint at a run folder.") from e
+    if not os.path.exists(path):
+        raise MissingInputError(f"config.encoder.checkpoint={path} does not exist.")
+    geometry, params = load_pretrained(path)
+    params = encoder_params(params.get("mae", params))
+    get = geometry.get if isinstance(geometry, dict) else lambda k, d=None: getattr(geometry, k, d)
+    return Encoder(name=path, params=jax.tree.map(np.asarray, params), num_heads=int(get("num_heads")),
+                   mean=tuple(get("mean", (0.485, 0.456, 0.406))), std=tuple(get("std", (0.229, 0.224, 0.225))))
+
+
+def check_expected_geometry(encoder: Encoder, encoder_config):
+    """config.encoder.size / patch_size, when set, must match the weights: the wrong run fails before extraction."""
+    size, patch = encoder_config.get("size", ""), encoder_config.get("patch_size", 0)
+    if not (size or patch):
+        return
+    found = encoder.geometry
+    width, depth = (vit_size(size)["width"], vit_size(size)["depth"]) if size else (found.width, found.depth)
+    wanted = Geometry(width, depth, patch or found.patch_size, found.channels)
+    check_geometry(found, f"encoder {encoder.name}", wanted, f"config.encoder (size {size!r}, patch_size {patch})")
+
+
+def load_encoder(config) -> Encoder:
+    """The encoder config.encoder names, checked against config.encoder's optional geometry and normalisation."""
+    ec = config.encoder
+    path = ec.checkpoint
+    if not path:
+        raise UserError("config.encoder.checkpoint is empty; set it to an MAE / CL-MAE workdir, a checkpoint step "
+                        f"folder, a PyTorch weights file or {RAW_PIXELS!r}.")
+    if path == RAW_PIXELS:
+        return raw_pixels(config.input.mean, config.input.std)
+    encoder = load_run_encoder(path, ec) if is_workdir_or_step(path) else load_foreign_encoder(path)
+    check_expected_geometry(encoder, ec)
+    overrides = {k: tuple(ec[k]) for k in ("mean", "std") if ec.get(k)}
+    return Encoder(**{**encoder.__dict__, **overrides, "dtype": ec.get("dtype", "float32"),
+                      "attention": ec.get("attention", "einsum")})
