@@ -1,0 +1,446 @@
+"""Fault injection through main.py, as a user meets the faults: kill -9 at seeded moments, corrupt / partial /
+foreign checkpoints, non-finite training, a full disk, a second run on the workdir, a lost peer, bad config values.
+
+Every run is a subprocess of `python main.py`; "nothing lost" is checked by restoring final checkpoints into numpy
+and comparing them bitwise with an uninterrupted run's.
+"""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import ROOT
+from clmae_jax.runtime import lock, validate
+from clmae_jax.runtime.errors import UserError
+from configs import cbm_fashion_mnist, clmae_fashion_mnist, mae_fashion_mnist
+
+TOTAL = 12  # Steps of every run here: room for five kill points of at most two steps each.
+FAST = ("--config.input.shuffle_buffer=64", "--config.image_every_steps=0", "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=1", f"--config.total_steps={TOTAL}")
+LIMITED = ("import os, resource, sys; limit = int(sys.argv[1]); "
+           "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); os.execv(sys.argv[2], sys.argv[2:])")
+MAE, CLMAE, CBM = "mae_fashion_mnist.py:test", "clmae_fashion_mnist.py:test", "cbm_fashion_mnist.py:test"
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache shared by the runs: reruns skip compilation (half of a short run's time)."""
+    return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+class Main:
+    """`python main.py` in a subprocess whose log lines are collected as they come."""
+
+    def __init__(self, workdir, config, *overrides, cache="", file_limit=0, extra_flags=()):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+        if cache:
+            env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={ROOT}/configs/{config}",
+               f"--workdir={workdir}", *FAST, *overrides, *extra_flags]
+        if file_limit:  # No file may grow past file_limit bytes: writes beyond fail (EFBIG), as on a full disk.
+            cmd = [sys.executable, "-c", LIMITED, str(file_limit), *cmd]
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        self.lines = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+
+    def wait(self, timeout=600) -> int:
+        """Exit status, once the process and its log have ended."""
+        code = self.proc.wait(timeout)
+        self.reader.join(timeout)
+        return code
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def last_line(self) -> str:
+        return self.log.strip().splitlines()[-1]
+
+
+def run_ok(workdir, config, *overrides, **kwargs) -> Main:
+    """A run that must succeed."""
+    run = Main(workdir, config, *overrides, **kwargs)
+    assert run.wait() == 0, run.log[-4000:]
+    return run
+
+
+def run_failing(workdir, config, *overrides, **kwargs) -> Main:
+    """A run that must fail; its last line is the user's error."""
+    run = Main(workdir, config, *overrides, **kwargs)
+    assert run.wait() != 0, run.log[-4000:]
+    return run
+
+
+def load_state(workdir, step) -> list:
+    """Every leaf of the train state saved at `step` (params, optimizer state, step), as numpy arrays."""
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(path).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(checkpointer.restore(path, target)))]
+
+
+def assert_same_state(workdir_a, workdir_b, step=TOTAL):
+    """The two runs saved bitwise the same train state at `step`."""
+    a, b = load_state(workdir_a, step), load_state(workdir_b, step)
+    assert len(a) == len(b)
+    assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def steps_on_disk(workdir) -> list:
+    """Committed-looking step folders in the workdir, sorted."""
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+
+
+@pytest.fixture(scope="module")
+def mae_reference(tmp_path_factory, compile_cache):
+    """An uninterrupted MAE run keeping a checkpoint of every step."""
+    workdir = str(tmp_path_factory.mktemp("mae_reference"))
+    run_ok(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", cache=compile_cache)
+    return workdir
+
+
+def copy_of(reference, tmp_path, keep=None) -> str:
+    """A copy of a reference workdir, with only the step folders in `keep` (default: all)."""
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(reference, workdir)
+    for step in steps_on_disk(workdir):
+        if keep is not None and step not in keep:
+            shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+    return workdir
+
+
+# ---------------------------------------------------------------- kill -9 at seeded moments, then rerun --------
+
+
+def kill_point_reached(kind: str, step: int, workdir: str, lines: list) -> bool:
+    """mid-step: step logged; mid-save: its temporary folder exists; after commit: its final folder exists."""
+    if kind == "step":
+        return any(re.search(rf"\] \[{step}\] ", line) for line in lines[-40:])
+    names = os.listdir(os.path.join(workdir, "checkpoints")) if os.path.isdir(os.path.join(workdir, "checkpoints")) \
+        else []
+    if kind == "save":
+        return any(n.startswith(f"{step}.orbax-checkpoint-tmp") for n in names)
+    return str(step) in names
+
+
+def run_and_kill(workdir, config, kind, step, rng, cache) -> None:
+    """Starts main.py and kills it with SIGKILL at the kill point (fails if the run ends first)."""
+    run = Main(workdir, config, cache=cache)
+    while run.proc.poll() is None:
+        if kill_point_reached(kind, step, workdir, run.lines):
+            time.sleep(rng.uniform(0, 0.2) if kind == "step" else 0)  # Somewhere inside the next step.
+            run.proc.send_signal(signal.SIGKILL)
+            assert run.wait() == -signal.SIGKILL
+            return
+        time.sleep(0.002)
+    pytest.fail(f"kill point {kind} {step} never reached; the run ended with {run.proc.returncode}:\n"
+                f"{run.log[-3000:]}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config,seed", [(MAE, 0), (CLMAE, 1), (CBM, 2)])
+def test_kill_9_anywhere_then_rerun_equals_uninterrupted(tmp_path, compile_cache, config, seed):
+    reference, workdir = str(tmp_path / "reference"), str(tmp_path / "killed")
+    run_ok(reference, config, cache=compile_cache)
+    rng = np.random.default_rng(seed)
+    kills = []
+    for kind in rng.permutation(["step", "save", "commit", "step", "save"]):
+        resume = max(steps_on_disk(workdir), default=0)
+        step = min(resume + 1 + int(rng.integers(0, 2)), TOTAL - 1)
+        run_and_kill(workdir, config, kind, step, rng, compile_cache)
+        kills.append((kind, step))
+    final = run_ok(workdir, config, cache=compile_cache)
+    assert len(kills) == 5 and "starting at step 0" not in final.log, kills
+    assert_same_state(reference, workdir)
+    assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt")), kills  # Nothing set aside or lost.
+
+
+# ---------------------------------------------------------------- corrupt, partial and foreign checkpoints ----
+
+
+def largest_data_file(step_dir) -> str:
+    """The biggest array data file of a step (where most parameters are)."""
+    files = [os.path.join(root, n) for root, _, names in os.walk(os.path.join(step_dir, "state")) for n in names]
+    return max(files, key=os.path.getsize)
+
+
+def write_random_bytes(step_dir):
+    path = largest_data_file(step_dir)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(np.random.default_rng(0).bytes(256))
+
+
+def truncate(step_dir):
+    path = largest_data_file(step_dir)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def remove_metadata(step_dir):
+    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+
+
+def remove_commit_marker(step_dir):
+    os.remove(os.path.join(step_dir, "commit_success.txt"))
+
+
+@pytest.mark.parametrize("newest,second,reasons", [
+    (write_random_bytes, remove_commit_marker, ("checksum mismatch in state/", "uncommitted")),
+    (truncate, remove_metadata, ("truncated state/", "missing state/_METADATA")),
+])
+def test_corrupt_newest_checkpoints_are_set_aside_and_the_run_resumes(tmp_path, mae_reference, compile_cache,
+                                                                      newest, second, reasons):
+    workdir = copy_of(mae_reference, tmp_path)
+    newest(os.path.join(workdir, "checkpoints", str(TOTAL)))
+    second(os.path.join(workdir, "checkpoints", str(TOTAL - 1)))
+    run = run_ok(workdir, MAE, cache=compile_cache)
+    warnings = [line for line in run.lines if "cannot be restored" in line]
+    assert len(warnings) == 2, run.log[-3000:]
+    for step, reason, warning in zip((TOTAL, TOTAL - 1), reasons, warnings):
+        assert f"Checkpoint step {step} cannot be restored: {reason}" in warning
+        assert f"moved it to {workdir}/checkpoints_corrupt/{step}-{reason.split()[0]}" in warning
+    assert f"Restored checkpoint {workdir}/checkpoints/{TOTAL - 2}, the newest that reads back" in run.log
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints_corrupt"))) == sorted(
+        f"{s}-{r.split()[0]}" for s, r in zip((TOTAL, TOTAL - 1), reasons))
+    assert_same_state(mae_reference, workdir)  # Retrained the two lost steps exactly.
+
+
+def test_when_no_checkpoint_restores_the_error_lists_what_was_tried(tmp_path, mae_reference, compile_cache):
+    workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL - 1, TOTAL))
+    write_random_bytes(os.path.join(workdir, "checkpoints", str(TOTAL)))
+    remove_commit_marker(os.path.join(workdir, "checkpoints", str(TOTAL - 1)))
+    run = run_failing(workdir, MAE, cache=compile_cache)
+    assert re.fullmatch(rf"error: No checkpoint in {workdir}/checkpoints can be restored: step {TOTAL} \(checksum "
+                        rf"mismatch in state/\S+\), step {TOTAL - 1} \(uncommitted \(no commit_success.txt\)\)\. "
+                        r"Move those step folders elsewhere to start over, or use a new --workdir\.",
+                        run.last_line()), run.last_line()
+    assert steps_on_disk(workdir) == [TOTAL - 1, TOTAL]  # Left in place: nothing to resume from instead.
+
+
+@pytest.mark.parametrize("config,override,field", [
+    (CLMAE, (), "params/mae/cls_token/cls (shape (1, 1, 128)) is in this config's train state but not in the "
+                "checkpoint"),
+    (MAE, ("--config.model.size=tiny",), "params/cls_token/cls has shape (1, 1, 128) in the checkpoint and "
+                                         "(1, 1, 192) in this config"),
+])
+def test_checkpoint_of_another_config_is_one_line_naming_the_field(tmp_path, mae_reference, compile_cache, config,
+                                                                   override, field):
+    workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL,))
+    run = run_failing(workdir, config, *override, cache=compile_cache)
+    assert run.last_line() == (f"error: Checkpoint {workdir}/checkpoints/{TOTAL} was written by another config: "
+                               f"{field}; use a new --workdir, or the config (experiment, model size) that wrote it.")
+    assert not re.search(r"\] \[1\] ", run.log)  # Stopped before training (and compiling) anything.
+    assert steps_on_disk(workdir) == [TOTAL]  # A foreign checkpoint is not corrupt: left alone.
+
+
+# ---------------------------------------------------------------- non-finite training ---------------------------
+
+
+def test_huge_learning_rate_stops_with_one_line_and_no_nan_checkpoint(tmp_path, compile_cache):
+    workdir = str(tmp_path / "nan")
+    run = run_failing(workdir, MAE, "--config.optimizer.base_lr=1e6", cache=compile_cache)
+    assert re.fullmatch(r"error: Non-finite .*(loss|grad_norm|params).* at step \d+.*", run.last_line()), \
+        run.last_line()
+    for step in steps_on_disk(workdir):
+        assert all(np.isfinite(x).all() for x in load_state(workdir, step)), step
+
+
+# ---------------------------------------------------------------- full disk -------------------------------------
+
+
+def test_full_disk_while_saving_is_one_line_and_the_rerun_loses_nothing(tmp_path, mae_reference, compile_cache):
+    workdir = copy_of(mae_reference, tmp_path, keep=(3, 4))
+    # Files may not grow past 2 MB: logs and the XLA cache fit, a checkpoint's data files do not (EFBIG, the same
+    # failed write as ENOSPC to the code that saves).
+    run = run_failing(workdir, MAE, cache=compile_cache, file_limit=2 << 20)
+    assert re.fullmatch(rf"error: Saving checkpoint step 5 in {workdir}/checkpoints failed \(File too large\); the "
+                        r"checkpoint of step 4 is intact\. Free disk space \(or fix the folder's permissions\) and "
+                        r"rerun to resume\.", run.last_line()), run.last_line()
+    assert steps_on_disk(workdir) == [3, 4]
+    rerun = run_ok(workdir, MAE, cache=compile_cache)
+    assert f"Restored checkpoint {workdir}/checkpoints/4" in rerun.log
+    assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]
+    assert_same_state(mae_reference, workdir)
+
+
+# ---------------------------------------------------------------- one run per workdir ---------------------------
+
+
+def test_second_run_on_a_workdir_is_refused_and_a_crashed_holder_is_taken_over(tmp_path, compile_cache):
+    workdir = str(tmp_path / "locked")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from clmae_jax.runtime import lock; lock.acquire(sys.argv[2]); print('held', "
+                               "flush=True); time.sleep(600)", ROOT, workdir], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    run = run_failing(workdir, MAE, cache=compile_cache)
+    assert run.last_line() == (f"error: --workdir={workdir} is in use by another run (pid {holder.pid} on "
+                               f"{socket.gethostname()}); wait for it to finish, stop it, or use another --workdir.")
+    holder.kill()
+    holder.wait()
+    run = run_ok(workdir, MAE, "--config.total_steps=1", cache=compile_cache)
+    assert "ended without releasing it" in run.log
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_from_a_dead_one(tmp_path):
+    workdir = str(tmp_path)
+    held = lock.acquire(workdir)
+    with pytest.raises(UserError, match=rf"in use by another run \(pid {os.getpid()} on "):
+        lock.acquire(workdir)
+    held.release()
+    with lock.acquire(workdir):  # Released cleanly: free again.
+        pass
+    crashed = subprocess.run([sys.executable, "-c", "import os, sys; sys.path.insert(0, sys.argv[1]); "
+                              "from clmae_jax.runtime import lock; lock.acquire(sys.argv[2]); "
+                              "os.kill(os.getpid(), 9)", ROOT, workdir])
+    assert crashed.returncode == -signal.SIGKILL
+    with lock.acquire(workdir) as taken:
+        assert taken.fd is not None
+
+
+# ---------------------------------------------------------------- a lost peer -----------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [1])
+def test_lost_peer_ends_the_other_process_in_bounded_time_and_both_resume(tmp_path, compile_cache, victim):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = str(tmp_path / "multi")
+
+    def pair(port):
+        return [Main(workdir, MAE, "--config.total_steps=40", cache=compile_cache, extra_flags=(
+            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+            "--peer_timeout_s=10")) for i in range(2)]
+
+    runs = pair(port)
+    while not any(re.search(r"\] \[3\] ", line) for line in runs[victim].lines):
+        assert runs[victim].proc.poll() is None, runs[victim].log[-3000:]
+        time.sleep(0.05)
+    runs[victim].proc.send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    survivor = runs[1 - victim]
+    assert survivor.wait(timeout=120) != 0
+    assert time.time() - killed_at < 60, "the surviving process did not notice its lost peer in time"
+    assert re.search(rf"stopped sending heartbeats\):\s*{victim}\b", survivor.log), survivor.log[-3000:]
+    runs[victim].wait()
+    saved = max(steps_on_disk(workdir))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rerun = pair(port)
+    assert [r.wait() for r in rerun] == [0, 0], rerun[0].log[-3000:]
+    assert f"starting at step {saved} of 40" in rerun[0].log
+
+
+# ---------------------------------------------------------------- bad config values -----------------------------
+
+
+def mae_config(**changes):
+    config = mae_fashion_mnist.get_config("test")
+    for field, value in changes.items():
+        node = config
+        *parents, leaf = field.split("__")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mae__mask_ratio", 1.0, "config.mae.mask_ratio=1.0 must be strictly between 0 and 1; the MAE paper uses 0.75."),
+    ("mae__mask_ratio", 0.0, "config.mae.mask_ratio=0.0 must be strictly between 0 and 1"),
+    ("mae__mask_ratio", 0.999, "config.mae.mask_ratio=0.999 leaves no visible token of 49; lower it."),
+    ("batch_size", 0, "config.batch_size=0 must be an integer >= 1"),
+    ("grad_accum_steps", 3, "config.batch_size=16 does not split into config.grad_accum_steps=3 micro-batches"),
+    ("grad_accum_steps", 0, "config.grad_accum_steps=0 must be an integer >= 1; use 1 for no accumulation."),
+    ("total_steps", -3, "config.total_steps=-3 must be an integer >= 0"),
+    ("num_epochs", -1, "config.num_epochs=-1 must be an integer >= 0"),
+    ("stop_after_steps", -1, "config.stop_after_steps=-1 must be an integer >= 0"),
+    ("log_every_steps", -1, "config.log_every_steps=-1 must be an integer >= 0"),
+    ("keep_checkpoints", 0, "config.keep_checkpoints=0 must be an integer >= 1"),
+    ("nonfinite", "ignore", "config.nonfinite='ignore' is not a known value; use one of 'stop', 'skip'."),
+    ("input__source", "csv", "config.input.source='csv' is not a known value"),
+    ("input__augment", "autoaugment", "config.input.augment='autoaugment' is not a known value"),
+    ("input__channels", 4, "config.input.channels=4 must be 1 (grey) or 3 (RGB)"),
+    ("input__std", (0.0,), "config.input.std=(0.0,) must be positive"),
+    ("input__mean", (0.5, 0.5, 0.5), "config.input.mean=(0.5, 0.5, 0.5) needs one value per channel (1)"),
+    ("input__crop_scale", (0.0, 1.0), "config.input.crop_scale=(0.0, 1.0) must satisfy 0 < low <= high <= 1"),
+    ("input__image_size", 30, "config.input.image_size=30 is not divisible by config.model.patch_size=4"),
+    ("input__shuffle_buffer", 0, "config.input.shuffle_buffer=0 must be an integer >= 1"),
+    ("optimizer__name", "lamb", "config.optimizer.name='lamb' is not a known value"),
+    ("optimizer__schedule", "linear", "config.optimizer.schedule='linear' is not a known value"),
+    ("optimizer__base_lr", -1.0, "config.optimizer.base_lr=-1.0 must be a number >= 0"),
+    ("optimizer__b2", 1.0, "config.optimizer.b2=1.0 must be in [0, 1)"),
+    ("optimizer__weight_decay", -0.1, "config.optimizer.weight_decay=-0.1 must be a number >= 0"),
+    ("model__dtype", "float8", "config.model.dtype='float8' is not a known value"),
+])
+def test_bad_config_values_are_one_line_naming_field_and_fix(field, value, message):
+    config = mae_config(**{field: value})
+    with pytest.raises(UserError) as error:
+        validate.check_config(config)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_bad_clmae_cbm_and_batch_split_values():
+    config = clmae_fashion_mnist.get_config("test")
+    config.clmae.loss_group_size = 6
+    with pytest.raises(UserError, match=r"^config.clmae.loss_group_size=6 does not divide config.batch_size=16"):
+        validate.check_config(config)
+    config.clmae.loss_group_size, config.clmae.curriculum = 8, "reverse"
+    with pytest.raises(UserError, match=r"^config.clmae.curriculum='reverse' is not a known value"):
+        validate.check_config(config)
+    config = cbm_fashion_mnist.get_config("test")
+    config.cbm.salience = "saliency"
+    with pytest.raises(UserError, match=r"^config.cbm.salience='saliency' is not a known value"):
+        validate.check_config(config)
+    config = cbm_fashion_mnist.get_config("test")
+    config.input.source, config.input.data_dir = "image_folder", ""
+    with pytest.raises(UserError, match=r"^config.input.data_dir='' is empty but .*; set it to the folder"):
+        validate.check_config(config)
+
+
+def test_batch_not_divisible_by_devices_is_named(monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    config = mae_config(batch_size=20)
+    with pytest.raises(UserError, match=r"^config.batch_size=20 gives a batch not divisible by the 8 devices; "
+                                        r"choose a multiple of 8\.$"):
+        validate.check_config(config)
+    config = mae_config(batch_size=16, grad_accum_steps=4)
+    with pytest.raises(UserError, match=r"gives a micro-batch of 4 not divisible by the 8 devices; choose a "
+                                        r"multiple of 32\.$"):
+        validate.check_config(config)
+
+
+def test_unwritable_workdir_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=rf"^--workdir={tmp_path}/file/run is not writable \(Not a directory\)"):
+        validate.check_config(mae_config(), str(tmp_path / "file" / "run"))
+
+
+def test_every_shipped_config_passes_validation():
+    for module in (mae_fashion_mnist, clmae_fashion_mnist, cbm_fashion_mnist):
+        for variant in ("", "test", "smoke"):
+            validate.check_config(module.get_config(variant))
+
+
+def test_bad_config_value_through_main_is_one_line(tmp_path, compile_cache):
+    run = run_failing(str(tmp_path / "bad"), MAE, "--config.mae.mask_ratio=1.5", cache=compile_cache)
+    assert run.last_line() == ("error: config.mae.mask_ratio=1.5 must be strictly between 0 and 1; the MAE paper "
+                               "uses 0.75.")
