@@ -66,7 +66,7 @@ def main(argv):
             for remat in (r == "true" for r in FLAGS.remat):
                 for layout in FLAGS.layouts:
                     rows.append(memory_row(name, size, layout, remat))
-                    print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("_per_device")}), flush=True)
+                    print(json.dumps(rows[-1]), flush=True)  # Partial results survive an interrupted run.
     print(f"\n{harness.device_line()}; batch {FLAGS.per_device_batch}/device, {FLAGS.dtype} compute, fp32 params "
           f"and AdamW moments; peak GiB per device from XLA's memory analysis")
     header = ("model", "remat", "params (M)", "replicated GiB/dev", "FSDP GiB/dev", "fits 80 GB (repl. / FSDP)")
