@@ -27,6 +27,8 @@ flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for mult
                     "cluster environment (otherwise TPU pods and SLURM are detected).")
 flags.DEFINE_integer("num_processes", 0, "Number of processes with --coordinator_address.")
 flags.DEFINE_integer("process_id", -1, "This process's index with --coordinator_address.")
+flags.DEFINE_integer("peer_timeout_s", 120, "Seconds a process waits for a silent peer (not started, killed, host "
+                     "gone) before it stops with an error naming it, instead of hanging.")
 flags.mark_flags_as_required(["workdir"])
 
 # Libraries whose INFO lines would drown the training log (orbax logs every file it writes).
@@ -67,21 +69,22 @@ def main(argv):
     # Keep TensorFlow (input pipeline only) off the accelerators JAX owns.
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
-    from clmae_jax.runtime import mesh
-    mesh.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                                flags.FLAGS.process_id)
-    config = flags.FLAGS.config
-    if config.experiment not in EXPERIMENTS:
-        raise app.UsageError(f"Unknown config.experiment {config.experiment!r}; use one of {sorted(EXPERIMENTS)}.")
-    os.makedirs(flags.FLAGS.workdir, exist_ok=True)
-    with open(os.path.join(flags.FLAGS.workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    logging.info("Config:\n%s", config)
+    from clmae_jax.runtime import lock, mesh, validate
     from clmae_jax.runtime.checkpoint import CheckpointError
     from clmae_jax.runtime.errors import UserError
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if config.experiment not in EXPERIMENTS:
+        raise app.UsageError(f"Unknown config.experiment {config.experiment!r}; use one of {sorted(EXPERIMENTS)}.")
     try:
-        module, function = EXPERIMENTS[config.experiment]
-        getattr(importlib.import_module(module), function)(config, flags.FLAGS.workdir)
+        mesh.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                                    flags.FLAGS.process_id, flags.FLAGS.peer_timeout_s)
+        validate.check_config(config, workdir)  # Before anything is built: a bad value fails in a second.
+        with lock.acquire(workdir):
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
+            logging.info("Config:\n%s", config)
+            module, function = EXPERIMENTS[config.experiment]
+            getattr(importlib.import_module(module), function)(config, workdir)
     except (UserError, FloatingPointError, CheckpointError, NotImplementedError) as e:
         # Bad input or a diverged run: the message names the problem and the fix; a traceback would bury it.
         # Other errors (shape bugs, crashes) keep their traceback.

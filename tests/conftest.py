@@ -13,6 +13,11 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def pytest_configure(config):
+    """Registers the markers the suite uses."""
+    config.addinivalue_line("markers", "slow: the longest tests (CI runs them; `-m 'not slow'` for a quick pass)")
+
+
 def _run_main(workdir, config, *overrides, devices=1, extra_flags=(), timeout=600, check=True):
     """Runs `python main.py` with `devices` fake CPU devices; returns the CompletedProcess."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")

@@ -325,7 +325,7 @@ def test_lost_peer_ends_the_other_process_in_bounded_time_and_both_resume(tmp_pa
     workdir = str(tmp_path / "multi")
 
     def pair(port):
-        return [Main(workdir, MAE, "--config.total_steps=40", cache=compile_cache, extra_flags=(
+        return [Main(workdir, MAE, cache=compile_cache, extra_flags=(
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
             "--peer_timeout_s=10")) for i in range(2)]
 
@@ -346,7 +346,7 @@ def test_lost_peer_ends_the_other_process_in_bounded_time_and_both_resume(tmp_pa
         port = s.getsockname()[1]
     rerun = pair(port)
     assert [r.wait() for r in rerun] == [0, 0], rerun[0].log[-3000:]
-    assert f"starting at step {saved} of 40" in rerun[0].log
+    assert f"starting at step {saved} of {TOTAL}" in rerun[0].log
 
 
 # ---------------------------------------------------------------- bad config values -----------------------------

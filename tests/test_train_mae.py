@@ -85,18 +85,3 @@ def test_patch_size_mismatch_and_missing_data_are_clear(tmp_path, run_main):
     proc = run_main(str(tmp_path / "b"), CONFIG, f"--config.input.data_dir={tmp_path}", check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and "apt-get install dataset-fashion-mnist" in last
-
-
-def test_corrupt_checkpoint_is_reported_and_left_in_place(tmp_path, run_main):
-    workdir = str(tmp_path / "corrupt")
-    run_main(workdir, CONFIG, "--config.total_steps=3", "--config.checkpoint_every_steps=3")
-    state_dir = os.path.join(workdir, "checkpoints", "3", "state")
-    for root, _, files in os.walk(state_dir):
-        for name in files:
-            if name != "_METADATA":
-                with open(os.path.join(root, name), "wb") as f:
-                    f.write(b"garbage")
-    proc = run_main(workdir, CONFIG, "--config.total_steps=6", check=False)
-    last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode != 0 and "cannot be restored" in last and "delete that step folder" in last
-    assert os.path.isdir(state_dir)

@@ -260,24 +260,27 @@ def train(config, workdir: str, experiment_cls):
 
     health, last = Health(config.get("nonfinite", "stop")), run.last_step()
     progress, timer = metrics.progress(run.budget.total_steps, run.writer, config.log_every_steps), StepTimer(start)
-    for step, batch in zip(range(start + 1, last + 1), run.batches(start)):
-        logging_step = itstime(step, config.log_every_steps, last)
-        probed = experiment.probe(state, batch, step) if logging_step else {}
-        state, measurements = experiment.train_step(state, batch, step)
-        health.update(step, measurements, state.params)
-        progress(step)
-        if logging_step:
-            health.check()
-            skipped = {"skipped_updates": health.skipped()} if health.mode == "skip" else {}
-            run.log(step, {**probed, **measurements, **skipped}, timer.seconds_per_step(step))
-        if itstime(step, config.image_every_steps, last):
-            metrics.write_images(run.writer, workdir, step, experiment.summaries(state, step))
-        results = run_evaluators(run, experiment, state, step, results)
-        if itstime(step, config.checkpoint_every_steps, last):
-            health.check()
-            run.checkpointer.save(step, state, {"step": step, "epoch": run.budget.epoch(step), "results": results,
-                                                **experiment.checkpoint_metadata(step)})
-    run.close()
+    try:
+        for step, batch in zip(range(start + 1, last + 1), run.batches(start)):
+            logging_step = itstime(step, config.log_every_steps, last)
+            probed = experiment.probe(state, batch, step) if logging_step else {}
+            state, measurements = experiment.train_step(state, batch, step)
+            health.update(step, measurements, state.params)
+            progress(step)
+            if logging_step:
+                health.check()
+                skipped = {"skipped_updates": health.skipped()} if health.mode == "skip" else {}
+                run.log(step, {**probed, **measurements, **skipped}, timer.seconds_per_step(step))
+            if itstime(step, config.image_every_steps, last):
+                metrics.write_images(run.writer, workdir, step, experiment.summaries(state, step))
+            results = run_evaluators(run, experiment, state, step, results)
+            if itstime(step, config.checkpoint_every_steps, last):
+                health.check()
+                metadata = {"step": step, "epoch": run.budget.epoch(step), "results": results,
+                            **experiment.checkpoint_metadata(step)}
+                run.checkpointer.save(step, state, metadata)
+    finally:  # Also on an error: a checkpoint still being written is finished, never left half done.
+        run.close()
     return state, results
 
 
