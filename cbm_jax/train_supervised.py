@@ -23,7 +23,9 @@ from cbm_jax.models.resnet import ResNet
 from cbm_jax.models.wide_resnet import WRN_52_2, WideResNet
 from cbm_jax.salience import patch_salience
 from cbm_jax.schedules import masking_schedule
+from clmae_jax.evaluate import load
 from clmae_jax.evaluate.classification import ClassificationEvaluator, make_eval_step as classification_eval_step
+from clmae_jax.evaluate.encoder import check_geometry, config_geometry
 from clmae_jax.models.vit import ViTClassifier, vit_size
 from clmae_jax.runtime import data, loop, metrics, optim
 from clmae_jax.runtime.experiment import Experiment
@@ -43,26 +45,47 @@ def build_classifier(config, num_classes: int) -> flax.linen.Module:
     if m.name == "cvt13":
         return CvT(num_classes, **CVT_13, dtype=dtype)
     if m.name == "vit":
-        return ViTClassifier(num_classes, patch_size=m.patch_size, **vit_size(m.size), pool=m.pool, dtype=dtype)
+        return ViTClassifier(num_classes, patch_size=m.patch_size, **vit_size(m.size), pool=m.pool, dtype=dtype,
+                             drop_path=m.get("drop_path", 0.0), head_init_std=m.get("head_init_std", 0.02))
     raise UserError(f"Unknown config.model.name {m.name!r}; use one of {', '.join(MODELS)}.")
 
 
 def init_variables(model, config, num_classes: int) -> dict:
-    """{'params', 'batch_stats'?}: random, or the PyTorch CvT weights named by config.model.init_from."""
-    path = config.model.get("init_from")
-    if path:
-        if config.model.name != "cvt13":
-            raise UserError(f"config.model.init_from loads PyTorch CvT-13 weights only, not {config.model.name!r}; "
-                            "clear it or use model.name='cvt13'.")
+    """{'params', 'batch_stats'?}: random, or with the pretrained weights config.model.init_from names."""
+    path, name = config.model.get("init_from"), config.model.name
+    if path and name == "cvt13":
         if not os.path.exists(path):
             raise MissingInputError(f"CvT weights {path} not found; download CvT-13-224x224-IN-1k.pth (microsoft/CvT "
                                     "model zoo) and set config.model.init_from to it, or '' to train from scratch.")
         from cbm_jax.interop.cvt_torch import load_cvt_torch_checkpoint
         return load_cvt_torch_checkpoint(path, num_classes, seed=config.seed)
+    if path and name != "vit":
+        raise UserError(f"config.model.init_from loads PyTorch CvT-13 weights (model.name='cvt13') or a pretrained "
+                        f"MAE / CL-MAE encoder (model.name='vit'), not {name!r}; clear it or change the model.")
     shape = (1, config.input.image_size, config.input.image_size, config.input.channels)
     rng = jax.random.PRNGKey(config.seed)
-    return jax.jit(model.init, static_argnames="train")({"params": rng, "dropout": rng}, jnp.zeros(shape),
-                                                         train=False)
+    variables = jax.jit(model.init, static_argnames="train")({"params": rng, "dropout": rng}, jnp.zeros(shape),
+                                                              train=False)
+    return with_pretrained_encoder(variables, config, path) if path else variables
+
+
+def with_pretrained_encoder(variables: dict, config, path: str) -> dict:
+    """ViT classifier `variables` whose patch embedding, CLS token and blocks are the encoder at `path` (an MAE /
+    CL-MAE workdir or step folder); the head (and fc_norm) stay fresh, as in MAE fine-tuning."""
+    encoder = load.load_weights(path)
+    check_geometry(encoder.geometry, f"encoder {encoder.name}", config_geometry(config),
+                   f"config.model (size {config.model.size!r}, patch_size {config.model.patch_size})")
+    pretrained = dict(encoder.params)
+    if config.model.pool == "gap_norm":  # The encoder's final norm is replaced by fc_norm after pooling.
+        pretrained["encoder"] = {k: v for k, v in pretrained["encoder"].items() if k != "norm"}
+    params = dict(variables["params"])
+    for key, value in pretrained.items():
+        if jax.tree.map(np.shape, value) != jax.tree.map(jnp.shape, params[key]):
+            raise UserError(f"params/{key} of encoder {encoder.name} does not fit config.model; fine-tune with the "
+                            "model config the encoder was pretrained with.")
+        params[key] = jax.tree.map(jnp.asarray, value)
+    logging.info("Initialised %s from the encoder %s", ", ".join(sorted(pretrained)), encoder.name)
+    return {**variables, "params": params}
 
 
 def masking_ratios(config, num_epochs: int) -> np.ndarray:
@@ -201,7 +224,7 @@ class Supervised(Experiment):
         return fresh_state(variables, self.tx)
 
     def create_train_state(self):
-        """Random weights, or the PyTorch weights named by config.model.init_from."""
+        """Random weights, or the pretrained weights named by config.model.init_from."""
         if not self.config.model.get("init_from"):
             return super().create_train_state()
         variables = init_variables(self.model, self.config, self.budget.num_classes)

@@ -45,3 +45,23 @@ def test_xla_attention_equals_einsum_on_long_sequences():
         outputs[implementation] = layer.apply(params, x)
     np.testing.assert_allclose(outputs["xla"], outputs["einsum"], atol=1e-5)
     assert float(jnp.max(jnp.abs(outputs["einsum"]))) > 0.1  # Not trivially equal.
+
+
+def test_drop_path_drops_whole_branches_per_image_and_only_in_training():
+    from clmae_jax.models.vit import Block, ViTClassifier
+    x = jax.random.normal(jax.random.PRNGKey(0), (64, 5, 16))
+    block = Block(num_heads=2, drop_path=0.5, deterministic=False)
+    params = block.init(jax.random.PRNGKey(1), x)
+    kept = Block(num_heads=2).apply(params, x)
+    out = block.apply(params, x, rngs={"dropout": jax.random.PRNGKey(2)})
+    # Both branches of an image are dropped with probability 1/4: that image passes through unchanged.
+    dropped = np.all(np.asarray(out) == np.asarray(x), axis=(1, 2))
+    assert 4 <= dropped.sum() <= 30
+    assert not np.allclose(out, kept)
+    images = jax.random.normal(jax.random.PRNGKey(3), (2, 8, 8, 1))
+    model = ViTClassifier(10, patch_size=4, width=16, depth=2, num_heads=2, pool="gap_norm", drop_path=0.3)
+    variables = model.init(jax.random.PRNGKey(4), images)
+    plain = ViTClassifier(10, patch_size=4, width=16, depth=2, num_heads=2, pool="gap_norm")
+    np.testing.assert_array_equal(model.apply(variables, images), plain.apply(variables, images))
+    trained = [model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(s)}) for s in (0, 1)]
+    assert not np.allclose(trained[0], trained[1])

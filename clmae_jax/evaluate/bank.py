@@ -75,6 +75,12 @@ def write_rows(mesh, bank: dict, rows: dict, offset):
     return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, P()), out_specs=spec)(bank, rows, offset)
 
 
+@jax.jit
+def add_counts(totals: dict, counts: dict) -> dict:
+    """Sums two dicts of device scalars (jitted: eager arithmetic on arrays spanning processes would hang)."""
+    return jax.tree.map(jnp.add, totals, counts)
+
+
 class Progress:
     """Logs images done, images/s and ETA about every `every_s` seconds: extraction is the long part."""
 
@@ -109,7 +115,7 @@ def build_banks(mesh, batches, num_batches: int, batch_size: int, featurize, chu
         bank = write_rows(mesh, bank, rows_of_batch, jnp.int32(i * per_device))
         count += batch_size
         progress(count)
-    num_examples = int(jax.device_get(jnp.sum(bank["valid"])))
+    num_examples = int(jax.device_get(jax.jit(jnp.sum)(bank["valid"])))
     return {k.split(":", 1)[1]: Bank(v, bank["labels"], bank["valid"], bank["index"], num_examples)
             for k, v in bank.items() if k.startswith("features:")}
 

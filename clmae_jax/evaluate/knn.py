@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from clmae_jax.evaluate.bank import add_counts
 from clmae_jax.runtime.errors import UserError
 
 METRICS = ("euclidean", "cosine")
@@ -114,7 +115,8 @@ def query_slice(arrays, size: int, start):
 def knn_accuracy(mesh, train, test, num_classes: int, k: int = 5, metric: str = "euclidean",
                  vote_kind: str = "majority", temperature: float = 0.07, chunk: int = 4096,
                  query_batch: int = 1024) -> dict:
-    """{"acc1", "accnn"} in percent of every valid row of bank `test` classified by its k nearest in bank `train`.
+    """{"acc1", "accnn"} in percent (and "count", the queries counted) of every valid row of bank `test`
+    classified by its k nearest rows of bank `train`.
 
     `train` rows per device must be a multiple of min(chunk, rows); `test` rows are taken `query_batch` at a time.
     """
@@ -124,12 +126,13 @@ def knn_accuracy(mesh, train, test, num_classes: int, k: int = 5, metric: str = 
     if train.rows_per_device % chunk or test.features.shape[0] % size:
         raise ValueError("bank rows do not tile into kNN chunks / query batches; build them with bank.build_banks.")
     bank = (prepare(train.features, metric), train.labels, train.valid)
-    totals = {"correct": 0.0, "correct_nn": 0.0, "count": 0.0}
+    totals = None
     for start in range(0, test.features.shape[0], size):
         queries, labels, mask = query_slice((test.features, test.labels, test.valid), size, jnp.int32(start))
         counts = knn_counts(mesh, queries, labels, mask, *bank, k=k, chunk=chunk, metric=metric,
                             vote_kind=vote_kind, num_classes=num_classes, temperature=temperature)
-        totals = {key: totals[key] + counts[key] for key in totals}  # Stays on device: no sync per batch.
+        totals = counts if totals is None else add_counts(totals, counts)  # On device: no sync per batch.
     totals = jax.device_get(totals)
-    return {"acc1": 100 * float(totals["correct"]) / float(totals["count"]),
-            "accnn": 100 * float(totals["correct_nn"]) / float(totals["count"])}
+    count = float(totals["count"])
+    return {"acc1": 100 * float(totals["correct"]) / count, "accnn": 100 * float(totals["correct_nn"]) / count,
+            "count": count}

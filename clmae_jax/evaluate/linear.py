@@ -123,12 +123,13 @@ def train_head(head: ProbeHead, probe_config, dim: int, steps_per_epoch: int, ep
 
 def probe_accuracy(head: ProbeHead, state: TrainState, test, query_batch: int = 1024) -> dict:
     """{"acc1", "acc5"} in percent of the head on every valid row of a feature bank."""
+    from clmae_jax.evaluate.bank import add_counts
     from clmae_jax.evaluate.knn import query_slice  # The same row slices as kNN queries.
     evaluate, size = make_eval_step(head), min(query_batch, test.rows_per_device)
-    totals = {"correct": 0.0, "correct5": 0.0, "count": 0.0}
+    totals = None
     for start in range(0, test.features.shape[0], size):
         counts = evaluate(state, *query_slice((test.features, test.labels, test.valid), size, jnp.int32(start)))
-        totals = {k: totals[k] + counts[k] for k in totals}
+        totals = counts if totals is None else add_counts(totals, counts)
     totals = jax.device_get(totals)
     return {"acc1": 100 * float(totals["correct"]) / float(totals["count"]),
             "acc5": 100 * float(totals["correct5"]) / float(totals["count"])}

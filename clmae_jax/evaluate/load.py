@@ -82,9 +82,9 @@ def restore_encoder_params(step_folder: str) -> dict:
     return restored["mae"] if "mae" in params else restored
 
 
-def load_run_encoder(path: str, encoder_config) -> Encoder:
+def load_run_encoder(path: str, step: int = -1) -> Encoder:
     """The encoder of an MAE / CL-MAE workdir or step folder, geometry checked against its config.json."""
-    workdir, folder, step = resolve_step_folder(path, encoder_config.get("step", -1))
+    workdir, folder, step = resolve_step_folder(path, step)
     train_config = read_train_config(workdir)
     params = restore_encoder_params(folder)
     encoder = Encoder(name=f"{workdir}@{step}", params=params, num_heads=vit_size(train_config.model.size)["num_heads"],
@@ -111,6 +111,11 @@ def load_foreign_encoder(path: str) -> Encoder:
                    mean=tuple(get("mean", (0.485, 0.456, 0.406))), std=tuple(get("std", (0.229, 0.224, 0.225))))
 
 
+def load_weights(path: str, step: int = -1) -> Encoder:
+    """The pretrained encoder at `path`: a run folder (newest step, or `step`) or a PyTorch / Hugging Face file."""
+    return load_run_encoder(path, step) if is_workdir_or_step(path) else load_foreign_encoder(path)
+
+
 def check_expected_geometry(encoder: Encoder, encoder_config):
     """config.encoder.size / patch_size, when set, must match the weights: the wrong run fails before extraction."""
     size, patch = encoder_config.get("size", ""), encoder_config.get("patch_size", 0)
@@ -131,7 +136,7 @@ def load_encoder(config) -> Encoder:
                         f"folder, a PyTorch weights file or {RAW_PIXELS!r}.")
     if path == RAW_PIXELS:
         return raw_pixels(config.input.mean, config.input.std)
-    encoder = load_run_encoder(path, ec) if is_workdir_or_step(path) else load_foreign_encoder(path)
+    encoder = load_weights(path, ec.get("step", -1))
     check_expected_geometry(encoder, ec)
     overrides = {k: tuple(ec[k]) for k in ("mean", "std") if ec.get(k)}
     return Encoder(**{**encoder.__dict__, **overrides, "dtype": ec.get("dtype", "float32"),

@@ -129,26 +129,34 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x))).
+
+    DropPath (stochastic depth, fine-tuning only) zeroes a branch for a whole image with probability `drop_path`
+    and scales the kept ones by 1 / (1 - drop_path); it needs a "dropout" rng unless `deterministic`.
+    """
 
     num_heads: int
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     attention: str = "einsum"
+    drop_path: float = 0.0
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x):
         norm = lambda name: nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name=name)
-        x = x + Attention(self.num_heads, self.dtype, self.attention, name="attn")(norm("norm1")(x))
+        drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=self.deterministic)
+        x = x + drop(Attention(self.num_heads, self.dtype, self.attention, name="attn")(norm("norm1")(x)))
         hidden = int(x.shape[-1] * self.mlp_ratio)
-        return x + Mlp(hidden, dtype=self.dtype, name="mlp")(norm("norm2")(x))
+        return x + drop(Mlp(hidden, dtype=self.dtype, name="mlp")(norm("norm2")(x)))
 
 
 class Transformer(nn.Module):
-    """A stack of `depth` pre-norm blocks followed by a final LayerNorm.
+    """A stack of `depth` pre-norm blocks followed by a final LayerNorm (unless `final_norm` is False).
 
     `remat` recomputes each block's activations in the backward pass: less memory for ViT-L/H, same numbers.
+    `drop_path` is the last block's stochastic-depth rate, rising linearly from 0 at the first block (as timm).
     """
 
     depth: int
@@ -158,13 +166,18 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
     attention: str = "einsum"
     remat: bool = False
+    drop_path: float = 0.0
+    deterministic: bool = True
+    final_norm: bool = True
 
     @nn.compact
     def __call__(self, x):
         block = nn.remat(Block) if self.remat else Block
+        rates = np.linspace(0.0, self.drop_path, self.depth)
         for i in range(self.depth):
-            x = block(self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, self.attention, name=f"block{i}")(x)
-        return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x)
+            x = block(self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, self.attention, float(rates[i]),
+                      self.deterministic, name=f"block{i}")(x)
+        return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x) if self.final_norm else x
 
 
 class ClsToken(nn.Module):
@@ -177,8 +190,16 @@ class ClsToken(nn.Module):
         return jnp.concatenate([cls, x], axis=1)
 
 
+POOLS = ("cls", "gap", "gap_norm")
+
+
 class ViTClassifier(nn.Module):
-    """ViT for supervised classification: patches + sin-cos positions, CLS, blocks, linear head."""
+    """ViT for supervised classification: patches + sin-cos positions, CLS, blocks, pooled features, linear head.
+
+    pool: "cls" (CLS token after the final norm), "gap" (mean of the normed patch tokens) or "gap_norm" (MAE
+    fine-tuning's global pool: mean of the last block's patch tokens, then `fc_norm` in place of the final norm).
+    The parameter names are the MAE encoder's (patch_embed, cls_token, encoder), so pretrained weights drop in.
+    """
 
     num_classes: int
     patch_size: int = 16
@@ -186,17 +207,26 @@ class ViTClassifier(nn.Module):
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    pool: str = "cls"  # "cls" or "gap" (mean of patch tokens)
+    pool: str = "cls"
     dtype: Any = jnp.float32
+    drop_path: float = 0.0
+    head_init_std: float = 0.02  # MAE fine-tuning: 2e-5.
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        del train  # No dropout or batch statistics in this ViT.
+        if self.pool not in POOLS:
+            raise UserError(f"Unknown config.model.pool {self.pool!r}; use one of {', '.join(POOLS)}.")
         x = PatchEmbed(self.patch_size, self.width, self.dtype, name="patch_embed")(images)
         grid = int(round(x.shape[1] ** 0.5))
         x = x + jnp.asarray(sincos_2d(self.width, grid), self.dtype)[None]
         x = ClsToken(name="cls_token")(x)
-        x = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype, name="encoder")(x)
-        features = x[:, 0] if self.pool == "cls" else x[:, 1:].mean(axis=1)
-        head_init = nn.initializers.truncated_normal(0.02)
+        x = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype, drop_path=self.drop_path,
+                        deterministic=not train, final_norm=self.pool != "gap_norm", name="encoder")(x)
+        if self.pool == "cls":
+            features = x[:, 0]
+        elif self.pool == "gap":
+            features = x[:, 1:].mean(axis=1)
+        else:
+            features = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(x[:, 1:].mean(axis=1))
+        head_init = nn.initializers.truncated_normal(self.head_init_std)
         return nn.Dense(self.num_classes, kernel_init=head_init, dtype=jnp.float32, name="head")(features)
