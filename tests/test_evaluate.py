@@ -184,6 +184,17 @@ def test_few_shot_sampler_takes_n_per_class_deterministically():
         fewshot.sample_few_shot(np.zeros(5, int), 1, seed=0, num_classes=2)
 
 
+def test_one_shot_knn_is_the_nearest_neighbour():
+    mesh = mesh_lib.make_mesh()
+    train_x, train_y, test_x, test_y = random_problem(seed=1)
+    shots = np.array([np.flatnonzero(train_y == c)[0] for c in range(NUM_CLASSES)])  # One image per class.
+    test = feature_bank(mesh, test_x, test_y, batch_size=64, chunk=32)
+    config = ml_collections.ConfigDict(dict(knn=dict(k=5, metric="euclidean", vote="majority", temperature=0.07)))
+    ours = fewshot.fewshot_knn(jnp.asarray(train_x[shots]), jnp.asarray(train_y[shots], jnp.int32), test, config,
+                               NUM_CLASSES, mesh, shots=1)
+    assert ours == pytest.approx(naive_knn(train_x[shots], train_y[shots], test_x, test_y, k=1)["acc1"])
+
+
 # ----- Real checkpoints and the eval experiment.
 
 def run_main(workdir, config, *overrides):

@@ -95,9 +95,14 @@ def fewshot_linear(features, labels, test: bank_lib.Bank, fewshot_config, num_cl
     return linear.probe_accuracy(head, state, test)["acc1"]
 
 
-def fewshot_knn(features, labels, test: bank_lib.Bank, fewshot_config, num_classes: int, mesh) -> float:
-    """Top-1 accuracy (%) of kNN with the subset as the bank (k at most the subset size)."""
+def fewshot_knn(features, labels, test: bank_lib.Bank, fewshot_config, num_classes: int, mesh,
+                shots: int) -> float:
+    """Top-1 accuracy (%) of kNN with the subset as the bank, k at most the shots per class.
+
+    With more neighbours than images per class, the vote is decided by the other classes: at 1 shot and k = 5 the
+    five nearest are five different classes and every vote is a tie.
+    """
     bank = subset_bank(features, labels, mesh)
-    k = min(fewshot_config.knn.k, features.shape[0])
+    k = min(fewshot_config.knn.k, shots)
     return knn.knn_accuracy(mesh, bank, test, num_classes, k=k, metric=fewshot_config.knn.metric,
                             vote_kind=fewshot_config.knn.vote, temperature=fewshot_config.knn.temperature)["acc1"]

@@ -170,7 +170,7 @@ def run_fewshot(eval_config, features: FeatureSets, prefix: str = "fewshot", don
                 subset = fewshot.gather_subset(trains[pool], examples, features.mesh)
                 if method == "knn":
                     results[key] = fewshot.fewshot_knn(*subset, tests[pool], eval_config, features.num_classes,
-                                                       features.mesh)
+                                                       features.mesh, shots)
                 else:
                     results[key] = fewshot.fewshot_linear(*subset, tests[pool], eval_config, features.num_classes,
                                                           seed)
