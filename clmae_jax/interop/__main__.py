@@ -1,0 +1,99 @@
+"""Converts MAE / CL-MAE weights between our runs and PyTorch.
+
+    python -m clmae_jax.interop --from=PATH --to=PATH [--format=fbmae|hf|npz] [--step=N]
+
+--from: one of our MAE / CL-MAE run workdirs (newest committed checkpoint, or --step) or step folders
+        (WORKDIR/checkpoints/<step>), or a PyTorch file / Hugging Face folder that `load_pretrained` reads.
+--to / --format: "fbmae" writes a facebookresearch/mae .pth ({"model": state dict}; CL-MAE runs keep their
+        masking module as masking_net.*), "hf" a Hugging Face ViTMAEForPreTraining folder (MAE part only), "npz"
+        our parameter tree flattened to "a/b/c" keys with the geometry as JSON under "__geometry__". Without
+        --format: .pth/.pt -> fbmae, .npz -> npz, anything else -> hf.
+"""
+import argparse
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from clmae_jax.evaluate.load import is_workdir_or_step, read_train_config, resolve_step_folder
+from clmae_jax.interop.mae_torch import load_pretrained, params_geometry, save_fbmae, save_hf
+from clmae_jax.models.vit import vit_size
+from clmae_jax.runtime.errors import UserError
+
+FORMATS = ("fbmae", "hf", "npz")
+
+
+def restore_params(step_folder: str) -> dict:
+    """All parameters of one of our checkpoints as numpy (the optimizer state stays on disk)."""
+    state = os.path.join(step_folder, "state")
+    tree = ocp.PyTreeCheckpointer().metadata(state)
+    tree = getattr(tree, "item_metadata", tree)
+    tree = getattr(tree, "tree", tree)
+    wanted = {"params": tree["params"]}
+    item = jax.tree.map(lambda m: np.zeros((), m.dtype), wanted)  # Leaf types only; shapes come from the files.
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    return ocp.PyTreeCheckpointer().restore(state, args=args)["params"]
+
+
+def load_run(path: str, step: int) -> tuple:
+    """(geometry, params) of one of our runs, the geometry from its config.json."""
+    workdir, folder, _ = resolve_step_folder(path, step)
+    config = read_train_config(workdir)
+    params = restore_params(folder)
+    geometry = params_geometry(params, image_size=config.input.image_size,
+                               num_heads=vit_size(config.model.size)["num_heads"],
+                               decoder_heads=config.model.decoder_heads,
+                               masker_heads=config.get("clmae", {}).get("masker_heads", 4),
+                               mean=config.input.mean, std=config.input.std)
+    return {**geometry, "mask_ratio": config.mae.mask_ratio, "norm_pix_loss": config.mae.norm_pix_loss}, params
+
+
+def save_npz(params, geometry: dict, path: str):
+    """Our tree flattened to "a/b/c" keys, plus the geometry as JSON."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    arrays = {"/".join(k.key for k in keys): np.asarray(leaf) for keys, leaf in flat}
+    np.savez(path, __geometry__=json.dumps(geometry), **arrays)
+
+
+def output_format(path: str, given: str) -> str:
+    """--format, or the one --to's name implies."""
+    if given:
+        if given not in FORMATS:
+            raise UserError(f"Unknown --format={given!r}; use one of {', '.join(FORMATS)}.")
+        return given
+    return "fbmae" if path.endswith((".pth", ".pt")) else "npz" if path.endswith(".npz") else "hf"
+
+
+def convert(source: str, target: str, fmt: str = "", step: int = -1):
+    """Reads `source` (our run or a PyTorch file / folder) and writes `target` in `fmt`."""
+    fmt = output_format(target, fmt)
+    geometry, params = load_run(source, step) if is_workdir_or_step(source) else load_pretrained(source)
+    if fmt == "fbmae":
+        save_fbmae(params, geometry, target)
+    elif fmt == "hf":
+        save_hf(params, geometry, target)
+    else:
+        save_npz(params, geometry, target)
+    return fmt
+
+
+def main(argv=None):
+    """Command-line entry point; a UserError prints as one line."""
+    parser = argparse.ArgumentParser(prog="python -m clmae_jax.interop", description=__doc__.splitlines()[0])
+    parser.add_argument("--from", dest="source", required=True)
+    parser.add_argument("--to", dest="target", required=True)
+    parser.add_argument("--format", default="")
+    parser.add_argument("--step", type=int, default=-1)
+    args = parser.parse_args(argv)
+    try:
+        fmt = convert(args.source, args.target, args.format, args.step)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {args.target} ({fmt})")
+
+
+if __name__ == "__main__":
+    main()
