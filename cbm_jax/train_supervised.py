@@ -248,7 +248,8 @@ class Supervised(Experiment):
         if eval_config.type != "classification":
             raise UserError(f"config.evals.{name}.type={eval_config.type!r} is not an evaluator of supervised "
                             "training; use 'classification'.")
-        return ClassificationEvaluator(name, eval_config, self.config, self.mesh, make_eval_step(self.model, self.config))
+        eval_step = make_eval_step(self.model, self.config)
+        return ClassificationEvaluator(name, eval_config, self.config, self.mesh, eval_step)
 
     def eval_scalars(self, step: int) -> dict:
         """The masking curriculum of the epoch just evaluated."""

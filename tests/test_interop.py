@@ -23,13 +23,13 @@ IMAGE, PATCH, BATCH = 16, 4, 3
 NUM_PATCHES = (IMAGE // PATCH) ** 2
 
 
-def random_hf_model(seed=0):
+def random_hf_model(seed=0, norm_pix_loss=False):
     """A small ViTMAEForPreTraining with every trainable weight drawn at random (biases and norms included)."""
     config = transformers.ViTMAEConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=IMAGE,
         patch_size=PATCH, num_channels=3, decoder_hidden_size=16, decoder_num_hidden_layers=1,
         decoder_num_attention_heads=2, decoder_intermediate_size=64, layer_norm_eps=1e-6, mask_ratio=0.75,
-        norm_pix_loss=False)
+        norm_pix_loss=norm_pix_loss)
     torch.manual_seed(seed)
     model = transformers.ViTMAEForPreTraining(config).eval()
     with torch.no_grad():
@@ -63,7 +63,7 @@ def encode(mae, images, keep_scores, num_keep):
     return mae.forward_encoder(topk_masking(mae.embed(images), keep_scores, num_keep)[0])
 
 
-def our_outputs(geometry, params, images, noise):
+def our_outputs(geometry, params, images, noise, norm_pix_loss=False):
     """Our loss, reconstructions, mask and encoder output for the same images and noise."""
     mae, images = build_mae(geometry), jnp.asarray(images.numpy().transpose(0, 2, 3, 1))
     # HF keeps the tokens with the smallest noise; ours keeps the highest scores.
@@ -73,7 +73,7 @@ def our_outputs(geometry, params, images, noise):
     def run(params, images, scores):
         pred, mask = mae.apply({"params": params}, images, scores, keep)
         latent = mae.apply({"params": params}, images, scores, keep, method=encode)
-        return {"loss": mae_loss(images, pred, mask, geometry["patch_size"], norm_pix_loss=False), "pred": pred,
+        return {"loss": mae_loss(images, pred, mask, geometry["patch_size"], norm_pix_loss), "pred": pred,
                 "mask": mask, "latent": latent}
     return jax.tree.map(np.asarray, run(params, images, scores))
 
@@ -108,14 +108,15 @@ def assert_trees_equal(a, b):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_hugging_face_vitmae_imports_with_the_same_outputs(tmp_path):
-    model = random_hf_model()
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_hugging_face_vitmae_imports_with_the_same_outputs(tmp_path, norm_pix_loss):
+    model = random_hf_model(norm_pix_loss=norm_pix_loss)
     model.save_pretrained(tmp_path / "hf")  # transformers 5 names (q_proj, layers.N, ...).
     geometry, params = load_pretrained(str(tmp_path / "hf"))
     assert {k: geometry[k] for k in ("width", "depth", "num_heads", "decoder_heads", "image_size")} == dict(
         width=32, depth=2, num_heads=2, decoder_heads=2, image_size=IMAGE)
     images, noise = inputs()
-    theirs, ours = hf_outputs(model, images, noise), our_outputs(geometry, params, images, noise)
+    theirs, ours = hf_outputs(model, images, noise), our_outputs(geometry, params, images, noise, norm_pix_loss)
     np.testing.assert_array_equal(ours["mask"], theirs["mask"])
     differences = max_differences(ours, theirs)
     assert max(differences.values()) < ATOL, differences
@@ -182,12 +183,13 @@ def test_unmappable_files_are_one_line_user_errors(tmp_path, edit, named):
     assert named in str(error.value) and "\n" not in str(error.value)
 
 
-def test_hugging_face_config_with_another_layer_norm_eps_is_refused(tmp_path):
+def test_hub_layer_norm_eps_is_imported_with_a_warning(tmp_path, caplog):
     model = random_hf_model()
-    model.config.layer_norm_eps = 1e-12
+    model.config.layer_norm_eps = 1e-12  # What the Hub's facebook/vit-mae-* configs say.
     model.save_pretrained(tmp_path / "hf")
-    with pytest.raises(UserError, match="layer_norm_eps"):
-        load_pretrained(str(tmp_path / "hf"))
+    geometry, _ = load_pretrained(str(tmp_path / "hf"))
+    assert geometry["width"] == 32
+    assert any("layer_norm_eps=1e-12" in r.getMessage() for r in caplog.records)
 
 
 def test_official_training_checkpoint_needs_heads_only_for_non_standard_sizes(tmp_path):

@@ -88,7 +88,8 @@ def vote(scores, labels, num_classes: int, vote_kind: str, temperature: float):
     """Predicted class per query: majority (ties to the smallest label, as torch.mode) or exp(s/T)-weighted."""
     one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if vote_kind == "weighted":
-        weights = jnp.exp((scores - scores[:, :1]) / temperature)  # Shifted by the best score: same argmax, no overflow.
+        # Shifted by the best score: the same argmax, and no overflow.
+        weights = jnp.exp((scores - scores[:, :1]) / temperature)
         return jnp.argmax(jnp.einsum("qk,qkc->qc", weights, one_hot), axis=-1)
     return jnp.argmax(one_hot.sum(axis=1), axis=-1)
 

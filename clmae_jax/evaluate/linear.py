@@ -61,7 +61,7 @@ def init_state(head: ProbeHead, tx, dim: int, seed: int) -> TrainState:
 
 
 def make_train_step(head: ProbeHead, tx, featurize):
-    """jit of (state, encoder params, batch) -> (state, loss); `featurize(encoder params, batch) -> [B, D]` is frozen."""
+    """jit of (state, encoder params, batch) -> (state, loss); `featurize(params, batch) -> [B, D]` stays frozen."""
 
     def step(state, encoder_params, batch):
         features = jax.lax.stop_gradient(featurize(encoder_params, batch))

@@ -53,14 +53,19 @@ def random_masking(rng, tokens, mask_ratio: float):
     return topk_masking(tokens, noise, num_visible(tokens.shape[1], mask_ratio))
 
 
+def patch_statistics(target):
+    """Mean and std of each patch [..., p*p*C] for norm_pix_loss: torch's unbiased `.var()`, as the MAE code."""
+    mean = target.mean(axis=-1, keepdims=True)
+    return mean, jnp.sqrt(target.var(axis=-1, keepdims=True, ddof=1) + 1e-6)
+
+
 def patch_targets(images, patch_size: int, norm_pix_loss: bool):
-    """Reconstruction targets per patch, normalised by each patch's own mean/var when `norm_pix_loss`."""
+    """Reconstruction targets per patch, normalised by each patch's own mean/std when `norm_pix_loss`."""
     target = patchify(images.astype(jnp.float32), patch_size)
     if not norm_pix_loss:
         return target
-    mean = target.mean(axis=-1, keepdims=True)
-    var = target.var(axis=-1, keepdims=True)
-    return (target - mean) / jnp.sqrt(var + 1e-6)
+    mean, std = patch_statistics(target)
+    return (target - mean) / std
 
 
 def per_patch_error(images, pred, patch_size: int, norm_pix_loss: bool):
@@ -79,9 +84,7 @@ def denormalize_prediction(images, pred, patch_size: int, norm_pix_loss: bool):
     """Prediction in pixel space: undoes the per-patch normalisation with each target patch's mean/std."""
     pred = pred.astype(jnp.float32)
     if norm_pix_loss:
-        target = patchify(images.astype(jnp.float32), patch_size)
-        mean = target.mean(axis=-1, keepdims=True)
-        std = jnp.sqrt(target.var(axis=-1, keepdims=True) + 1e-6)
+        mean, std = patch_statistics(patchify(images.astype(jnp.float32), patch_size))
         pred = pred * std + mean
     return unpatchify(pred, patch_size, images.shape[-1])
 

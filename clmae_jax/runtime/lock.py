@@ -90,8 +90,8 @@ def acquire(workdir: str) -> WorkdirLock:
         logging.warning("%s does not support file locks; relying on the pid recorded in %s", workdir, path)
     previous = read_holder(path)
     if previous:
-        logging.warning("Taking over %s from a run that ended without releasing it (pid %s on %s)", path, previous.get("pid"),
-                     previous.get("host"))
+        logging.warning("Taking over %s from a run that ended without releasing it (pid %s on %s)", path,
+                        previous.get("pid"), previous.get("host"))
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode(), 0)
     return WorkdirLock(fd)

@@ -74,7 +74,8 @@ def accumulate_gradients(loss_and_grad, params, batch: dict, rng, accum_steps: i
         out = loss_and_grad(params, micro_batch, jax.random.fold_in(rng, index))
         return jax.tree.map(jnp.add, carry, out), None
 
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_and_grad, params, jax.tree.map(lambda x: x[0], micro), rng))
+    shapes = jax.eval_shape(loss_and_grad, params, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = jax.tree.map(jnp.zeros_like, shapes)
     total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
     return jax.tree.map(lambda x: x / accum_steps, total)
 

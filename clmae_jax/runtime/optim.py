@@ -6,7 +6,7 @@ from clmae_jax.runtime.errors import UserError
 
 
 def decay_mask(params):
-    """Weight decay on matrices and kernels only; biases and norm scales (1-D) are exempt, as timm's add_weight_decay."""
+    """Weight decay on matrices and kernels only; biases and norm scales (1-D) are exempt (timm's add_weight_decay)."""
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
