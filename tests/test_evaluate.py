@@ -328,6 +328,23 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(runs, kind, tmp_path):
         init_variables(build_classifier(config, 10), config, 10)
 
 
+def test_fine_tuning_from_an_exported_pytorch_file_equals_from_the_run(runs, tmp_path):
+    pytest.importorskip("torch")
+    from cbm_jax.train_supervised import build_classifier, init_variables
+    from clmae_jax.interop import params_geometry, save_fbmae
+    from configs import finetune_fashion_mnist
+    from conftest import load_params
+    saved = load_params(runs["mae"], 1)
+    path = str(tmp_path / "mae.pth")
+    save_fbmae(saved, params_geometry(saved, image_size=28, num_heads=4, decoder_heads=4), path)
+    config = finetune_fashion_mnist.get_config("test")
+    model = build_classifier(config, 10)
+    config.model.init_from = path
+    from_file = init_variables(model, config, 10)["params"]
+    config.model.init_from = runs["mae"]
+    jax.tree.map(np.testing.assert_array_equal, from_file, init_variables(model, config, 10)["params"])
+
+
 def test_fine_tuning_run_through_main(runs, tmp_path):
     workdir = str(tmp_path / "finetune")
     proc = run_main(workdir, "finetune_fashion_mnist.py:test", f"--config.model.init_from={runs['mae']}")

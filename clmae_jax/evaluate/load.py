@@ -61,24 +61,33 @@ def read_train_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def params_metadata(step_folder: str) -> dict:
+    """The tree of parameter metadata (shapes, dtypes) of one of our checkpoints; nothing is read but metadata."""
+    tree = ocp.PyTreeCheckpointer().metadata(os.path.join(step_folder, "state"))
+    tree = getattr(tree, "item_metadata", tree)
+    return getattr(tree, "tree", tree)["params"]
+
+
+def restore_params(step_folder: str, wanted: dict | None = None) -> dict:
+    """The parameters of a checkpoint as numpy: all, or the subtree `wanted` of `params_metadata` (the optimizer
+    state and every other leaf stay on disk)."""
+    wanted = {"params": params_metadata(step_folder) if wanted is None else wanted}
+    item = jax.tree.map(lambda m: np.zeros((), m.dtype), wanted)  # Leaf types only; shapes come from the files.
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    return ocp.PyTreeCheckpointer().restore(os.path.join(step_folder, "state"), args=args)["params"]
+
+
 def restore_encoder_params(step_folder: str) -> dict:
     """The MAE encoder leaves of a checkpoint as numpy (MAE: params/..., CL-MAE: params/mae/...), nothing else."""
-    state = os.path.join(step_folder, "state")
-    tree = ocp.PyTreeCheckpointer().metadata(state)
-    tree = getattr(tree, "item_metadata", tree)
-    tree = getattr(tree, "tree", tree)
-    params = tree["params"]
+    params = params_metadata(step_folder)
     mae = params["mae"] if "mae" in params else params
     missing = [k for k in ENCODER_KEYS if k not in mae]
     if missing:
         raise UserError(f"{step_folder} holds no MAE encoder (no params/{missing[0]}); point config.encoder.checkpoint "
                         "at an MAE or CL-MAE run.")
     wanted = {k: mae[k] for k in ENCODER_KEYS}
-    wanted = {"params": {"mae": wanted} if "mae" in params else wanted}
-    item = jax.tree.map(lambda m: np.zeros((), m.dtype), wanted)  # Leaf types only; shapes come from the files.
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-    restored = ocp.PyTreeCheckpointer().restore(state, args=args)["params"]
+    restored = restore_params(step_folder, {"mae": wanted} if "mae" in params else wanted)
     return restored["mae"] if "mae" in params else restored
 
 

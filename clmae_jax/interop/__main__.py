@@ -11,31 +11,16 @@
 """
 import argparse
 import json
-import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from clmae_jax.evaluate.load import is_workdir_or_step, read_train_config, resolve_step_folder
+from clmae_jax.evaluate.load import is_workdir_or_step, read_train_config, resolve_step_folder, restore_params
 from clmae_jax.interop.mae_torch import load_pretrained, params_geometry, save_fbmae, save_hf
 from clmae_jax.models.vit import vit_size
 from clmae_jax.runtime.errors import UserError
 
 FORMATS = ("fbmae", "hf", "npz")
-
-
-def restore_params(step_folder: str) -> dict:
-    """All parameters of one of our checkpoints as numpy (the optimizer state stays on disk)."""
-    state = os.path.join(step_folder, "state")
-    tree = ocp.PyTreeCheckpointer().metadata(state)
-    tree = getattr(tree, "item_metadata", tree)
-    tree = getattr(tree, "tree", tree)
-    wanted = {"params": tree["params"]}
-    item = jax.tree.map(lambda m: np.zeros((), m.dtype), wanted)  # Leaf types only; shapes come from the files.
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-    return ocp.PyTreeCheckpointer().restore(state, args=args)["params"]
 
 
 def load_run(path: str, step: int) -> tuple:
