@@ -261,18 +261,20 @@ class Supervised(Experiment):
 def evaluate_checkpoint(config, workdir: str) -> dict:
     """Test accuracy and loss of the latest checkpoint in `workdir`, unmasked; also written to eval_results.json."""
     run = loop.Run.create(config, workdir)
-    if run.checkpointer.latest_step() is None:
-        raise MissingInputError(f"No checkpoint in {run.checkpointer.directory}; point --workdir at a CBM training "
-                                "run of this config.")
-    experiment = Supervised(config, run.mesh, run.budget)
-    state, _ = run.restore_or(experiment)
-    evaluator = ClassificationEvaluator("test", ml_collections.ConfigDict(), config, run.mesh,
-                                        make_eval_step(experiment.model, config))
-    test = {**evaluator.run(state), "step": int(state.step)}
+    try:
+        if run.checkpointer.latest_step() is None:
+            raise MissingInputError(f"No checkpoint in {run.checkpointer.directory}; point --workdir at a CBM "
+                                    "training run of this config.")
+        experiment = Supervised(config, run.mesh, run.budget)
+        state, _ = run.restore_or(experiment)
+        evaluator = ClassificationEvaluator("test", ml_collections.ConfigDict(), config, run.mesh,
+                                            make_eval_step(experiment.model, config))
+        test = {**evaluator.run(state), "step": int(state.step)}
+    finally:
+        run.close()  # Also on errors: an open checkpointer at interpreter exit crashes in its threads.
     logging.info("checkpoint at step %d: test accuracy %.4f, loss %.4f on %d images", test["step"],
                  test["test_accuracy"], test["test_loss"], test["test_examples"])
     metrics.write_json(workdir, "eval_results.json", test)
-    run.close()
     return test
 
 

@@ -144,7 +144,7 @@ def test_unknown_model_and_misplaced_weights_are_clear_errors():
     with pytest.raises(ValueError, match="resnet18, wrn_52_2, cvt13, vit"):
         cbm.build_classifier(config, 10)
     config.model.update(name="resnet18", init_from="weights.pth")
-    with pytest.raises(ValueError, match="CvT-13 weights only"):
+    with pytest.raises(ValueError, match="loads PyTorch CvT-13 weights.*not 'resnet18'"):
         cbm.init_variables(cbm.build_classifier(config, 10), config, 10)
     config.model.name = "cvt13"
     with pytest.raises(FileNotFoundError, match="CvT-13-224x224-IN-1k.pth"):
@@ -216,6 +216,7 @@ def test_evaluating_without_a_checkpoint_is_one_clear_line(tmp_path, run_main):
 
 def test_missing_cvt_weights_is_one_clear_line(tmp_path, run_main):
     proc = run_main(str(tmp_path), CONFIG, "--config.model.name=cvt13", "--config.input.channels=3",
+                    "--config.input.mean=(0.5,0.5,0.5)", "--config.input.std=(0.5,0.5,0.5)",
                     "--config.model.init_from=/nowhere/cvt.pth", check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("error: CvT weights /nowhere/cvt.pth not found")
