@@ -260,11 +260,12 @@ class Supervised(Experiment):
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
     """Test accuracy and loss of the latest checkpoint in `workdir`, unmasked; also written to eval_results.json."""
+    checkpoints = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not load.committed_steps(checkpoints):  # Before any writer or checkpointer thread exists.
+        raise MissingInputError(f"No checkpoint in {checkpoints}; point --workdir at a CBM training run of this "
+                                "config.")
     run = loop.Run.create(config, workdir)
     try:
-        if run.checkpointer.latest_step() is None:
-            raise MissingInputError(f"No checkpoint in {run.checkpointer.directory}; point --workdir at a CBM "
-                                    "training run of this config.")
         experiment = Supervised(config, run.mesh, run.budget)
         state, _ = run.restore_or(experiment)
         evaluator = ClassificationEvaluator("test", ml_collections.ConfigDict(), config, run.mesh,

@@ -1,12 +1,20 @@
-"""Shared test set-up: the repo on sys.path, quiet TensorFlow, and a runner for main.py in a subprocess."""
+"""Shared test set-up: the repo on sys.path, quiet TensorFlow, a persistent XLA cache, and a runner for main.py in
+a subprocess."""
 import os
 import subprocess
 import sys
+import tempfile
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
-import pytest
+# One compilation cache for this pytest run, its xdist workers and every main.py they start (set before jax is
+# imported; subprocesses inherit it): the many short main.py runs of the same test configs compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"clmae_jax_tests_xla_cache_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -1,0 +1,72 @@
+"""Feature extraction (the evaluations' forward pass) against the MAE training step on the same ViT, side by side.
+
+    python bench/bench_extract.py [--config=mae_fashion_mnist] [--batch=128] [--eval_batch=500] [--rounds=5]
+
+The MAE step is built by the trainer (train_mae.MAE) at the training batch; extraction is the kNN / linear-probe
+feature function (`Encoder.features`, the un-masked encoder on every token, both pools) of that run's encoder at
+the evaluation batch. Both run in turn for --rounds rounds (median kept) on random uint8 images. The table gives
+images/s of each and their ratio (the evaluation issue asks for >= 3x). JSON goes to --out.
+"""
+import importlib
+import json
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from bench import harness, jax_steps  # noqa: E402
+from clmae_jax.evaluate.encoder import Encoder, encoder_params  # noqa: E402
+from clmae_jax.models.vit import vit_size  # noqa: E402
+
+flags.DEFINE_string("config", "mae_fashion_mnist", "configs/<name>.py of the MAE whose encoder is evaluated.")
+flags.DEFINE_integer("batch", 0, "Training batch (0: the config's).")
+flags.DEFINE_integer("eval_batch", 500, "Feature-extraction batch (the eval configs use 500 on Fashion-MNIST).")
+flags.DEFINE_integer("rounds", 5, "Alternating rounds.")
+flags.DEFINE_integer("steps", 3, "Steps (batches) per round and row.")
+flags.DEFINE_string("out", "bench/results/extract.json", "Where the JSON goes.")
+FLAGS = flags.FLAGS
+
+
+def extraction_runner(config, params, mesh):
+    """A timing runner of `Encoder.features` (both pools) at the evaluation batch, inputs sharded as in `bank`."""
+    encoder = Encoder("bench", encoder_params(params), vit_size(config.model.size)["num_heads"],
+                      tuple(config.input.mean), tuple(config.input.std))
+    eval_config = config.copy_and_resolve_references()
+    eval_config.batch_size = FLAGS.eval_batch
+    batch = harness.random_batch(eval_config, mesh)["image"]
+    features = jax.jit(encoder.features)
+    return harness.timed(lambda: jax.block_until_ready(features(encoder.params, batch)), FLAGS.steps)
+
+
+def main(argv):
+    """Times both, prints the table, writes the JSON."""
+    del argv
+    config = importlib.import_module(f"configs.{FLAGS.config}").get_config()
+    config.batch_size = FLAGS.batch or config.batch_size
+    built = jax_steps.mae(config)
+    experiment = built[0]
+    state = experiment.create_train_state()
+    runners = {"mae_step": jax_steps.runner(built, FLAGS.steps),
+               "extraction": extraction_runner(config, state.params, experiment.mesh)}
+    timings = harness.alternate(runners, FLAGS.rounds)
+    rates = {"mae_step": config.batch_size / timings["mae_step"]["median_seconds"],
+             "extraction": FLAGS.eval_batch / timings["extraction"]["median_seconds"]}
+    ratio = rates["extraction"] / rates["mae_step"]
+    print(f"{harness.device_line()}; {FLAGS.config}, model {config.model.size}/{config.model.patch_size}, "
+          f"{config.input.image_size} px")
+    print("| program | batch | median s/batch | images/s |\n|---|---|---|---|")
+    for name, batch in (("mae_step", config.batch_size), ("extraction", FLAGS.eval_batch)):
+        print(f"| {name} | {batch} | {timings[name]['median_seconds']:.4f} | {rates[name]:.0f} |")
+    print(f"extraction / MAE step images/s: {ratio:.2f}x")
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump({"config": FLAGS.config, "device": harness.device_line(), "timings": timings,
+                   "images_per_sec": rates, "extraction_over_mae_step": ratio}, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
