@@ -27,7 +27,7 @@ from clmae_jax.evaluate import load
 from clmae_jax.evaluate.classification import ClassificationEvaluator, make_eval_step as classification_eval_step
 from clmae_jax.evaluate.encoder import check_geometry, config_geometry
 from clmae_jax.models.vit import ViTClassifier, vit_size
-from clmae_jax.runtime import data, loop, metrics, optim
+from clmae_jax.runtime import checkpoint, data, loop, metrics, optim
 from clmae_jax.runtime.experiment import Experiment
 from clmae_jax.runtime.state import TrainState, tree_size
 from clmae_jax.runtime.errors import MissingInputError, UserError
@@ -260,7 +260,7 @@ class Supervised(Experiment):
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
     """Test accuracy and loss of the latest checkpoint in `workdir`, unmasked; also written to eval_results.json."""
-    checkpoints = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    checkpoints = checkpoint.checkpoints_directory(workdir)
     if not load.committed_steps(checkpoints):  # Before any writer or checkpointer thread exists.
         raise MissingInputError(f"No checkpoint in {checkpoints}; point --workdir at a CBM training run of this "
                                 "config.")

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from clmae_jax.evaluate.encoder import (RAW_PIXELS, Encoder, Geometry, check_geometry, config_geometry,
                                        encoder_params, raw_pixels)
 from clmae_jax.models.vit import vit_size
-from clmae_jax.runtime.checkpoint import COMMIT_MARKER
+from clmae_jax.runtime.checkpoint import COMMIT_MARKER, checkpoints_directory
 from clmae_jax.runtime.errors import MissingInputError, UserError
 
 ENCODER_KEYS = ("patch_embed", "cls_token", "encoder")
@@ -36,7 +36,7 @@ def resolve_step_folder(path: str, step: int = -1) -> tuple[str, str, int]:
     path = os.path.abspath(path.rstrip("/"))
     if os.path.isdir(os.path.join(path, "state")):  # A step folder: WORKDIR/checkpoints/<step>.
         return os.path.dirname(os.path.dirname(path)), path, int(os.path.basename(path))
-    steps = committed_steps(os.path.join(path, "checkpoints"))
+    steps = committed_steps(checkpoints_directory(path))
     if not steps:
         raise MissingInputError(f"No committed checkpoint under {path}/checkpoints; point config.encoder.checkpoint at "
                                 "an MAE / CL-MAE workdir or one of its checkpoints/<step> folders.")

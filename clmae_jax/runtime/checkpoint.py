@@ -111,11 +111,16 @@ def io_reason(error: BaseException) -> str:
     return found.group(1) if found else short(error)
 
 
+def checkpoints_directory(workdir: str) -> str:
+    """Where a run's step folders live: WORKDIR/checkpoints."""
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
 class Checkpointer:
     """A CheckpointManager over `workdir/checkpoints` holding the train state and a small JSON of metadata."""
 
     def __init__(self, workdir: str, keep: int = 3):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = checkpoints_directory(workdir)
         self.corrupt_directory = os.path.abspath(os.path.join(workdir, "checkpoints_corrupt"))
         # cleanup_tmp_directories: temporary folders of saves a crash interrupted are never complete checkpoints.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
