@@ -17,6 +17,7 @@ import optax
 from absl import logging
 
 from cbm_jax.masking import mask_images, num_masked_patches, sample_patches, uniform_probs
+from cbm_jax import pretrained
 from cbm_jax.mixup import mix
 from cbm_jax.models.cvt import CVT_13, CvT
 from cbm_jax.models.resnet import ResNet
@@ -25,7 +26,6 @@ from cbm_jax.salience import patch_salience
 from cbm_jax.schedules import masking_schedule
 from clmae_jax.evaluate import load
 from clmae_jax.evaluate.classification import ClassificationEvaluator, make_eval_step as classification_eval_step
-from clmae_jax.evaluate.encoder import check_geometry, config_geometry
 from clmae_jax.models.vit import ViTClassifier, vit_size
 from clmae_jax.runtime import checkpoint, data, loop, metrics, optim
 from clmae_jax.runtime.experiment import Experiment
@@ -46,7 +46,8 @@ def build_classifier(config, num_classes: int) -> flax.linen.Module:
         return CvT(num_classes, **CVT_13, dtype=dtype)
     if m.name == "vit":
         return ViTClassifier(num_classes, patch_size=m.patch_size, **vit_size(m.size), pool=m.pool, dtype=dtype,
-                             drop_path=m.get("drop_path", 0.0), head_init_std=m.get("head_init_std", 0.02))
+                             drop_path=m.get("drop_path", 0.0), head_init_std=m.get("head_init_std", 0.02),
+                             pos_embed=m.get("pos_embed", "sincos"))
     raise UserError(f"Unknown config.model.name {m.name!r}; use one of {', '.join(MODELS)}.")
 
 
@@ -66,26 +67,7 @@ def init_variables(model, config, num_classes: int) -> dict:
     rng = jax.random.PRNGKey(config.seed)
     variables = jax.jit(model.init, static_argnames="train")({"params": rng, "dropout": rng}, jnp.zeros(shape),
                                                               train=False)
-    return with_pretrained_encoder(variables, config, path) if path else variables
-
-
-def with_pretrained_encoder(variables: dict, config, path: str) -> dict:
-    """ViT classifier `variables` whose patch embedding, CLS token and blocks are the encoder at `path` (an MAE /
-    CL-MAE workdir or step folder); the head (and fc_norm) stay fresh, as in MAE fine-tuning."""
-    encoder = load.load_weights(path)
-    check_geometry(encoder.geometry, f"encoder {encoder.name}", config_geometry(config),
-                   f"config.model (size {config.model.size!r}, patch_size {config.model.patch_size})")
-    pretrained = dict(encoder.params)
-    if config.model.pool == "gap_norm":  # The encoder's final norm is replaced by fc_norm after pooling.
-        pretrained["encoder"] = {k: v for k, v in pretrained["encoder"].items() if k != "norm"}
-    params = dict(variables["params"])
-    for key, value in pretrained.items():
-        if jax.tree.map(np.shape, value) != jax.tree.map(jnp.shape, params[key]):
-            raise UserError(f"params/{key} of encoder {encoder.name} does not fit config.model; fine-tune with the "
-                            "model config the encoder was pretrained with.")
-        params[key] = jax.tree.map(jnp.asarray, value)
-    logging.info("Initialised %s from the encoder %s", ", ".join(sorted(pretrained)), encoder.name)
-    return {**variables, "params": params}
+    return pretrained.with_pretrained_weights(variables, config, path) if path else variables
 
 
 def masking_ratios(config, num_epochs: int) -> np.ndarray:

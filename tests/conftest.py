@@ -1,5 +1,5 @@
-"""Shared test set-up: the repo on sys.path, quiet TensorFlow, a persistent XLA cache, and a runner for main.py in
-a subprocess."""
+"""Shared test set-up: the repo on sys.path, quiet TensorFlow, a persistent XLA cache, torchvision before
+TensorFlow, and a runner for main.py in a subprocess."""
 import os
 import subprocess
 import sys
@@ -11,6 +11,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"clmae_jax_tests_xla_cache_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+try:  # torchvision (which timm imports) segfaults on import once TensorFlow is loaded; the other order is safe.
+    import torchvision  # noqa: F401, E402
+except ImportError:  # The torch-side packages are optional: their tests skip.
+    pass
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402

@@ -1,6 +1,7 @@
 """Encoder evaluation: kNN against a naive numpy kNN (1 device, 8 devices, 2 processes), the linear probe on
 separable features, the few-shot sampler, encoder loading from real MAE / CL-MAE runs, geometry errors, the
 pretraining evaluator (compiled once) and the eval experiment's results.json with resume."""
+import importlib.util
 import json
 import os
 import socket
@@ -260,18 +261,6 @@ def test_geometry_mismatch_is_one_line_naming_both_sides(runs):
         evaluator.run(load_params(runs["mae"], 1))
 
 
-def test_foreign_weights_without_importer_is_a_user_error(tmp_path):
-    path = tmp_path / "model.pth"
-    path.write_bytes(b"not a run folder")
-    try:
-        import clmae_jax.interop  # noqa: F401
-        pytest.skip("clmae_jax.interop is installed; its own tests cover foreign weights")
-    except ImportError:
-        pass
-    with pytest.raises(UserError, match="interop"):
-        load.load_encoder(encoder_config(str(path)))
-
-
 def test_pretraining_knn_evaluator_compiles_once(runs):
     from clmae_jax import evaluate
     from conftest import load_params
@@ -354,6 +343,14 @@ def test_fine_tuning_run_through_main(runs, tmp_path):
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
     assert 0 <= results["final_test_accuracy"] <= 1 and results["step"] == 4
+    if importlib.util.find_spec("torch"):  # The fine-tuned classifier goes out to PyTorch bit for bit.
+        from clmae_jax.interop.__main__ import main
+        from clmae_jax.interop.classifier_torch import load_torch_weights
+        from conftest import load_params
+        main([f"--from={workdir}", f"--to={tmp_path / 'ft.pth'}"])
+        geometry, params = load_torch_weights(str(tmp_path / "ft.pth"))
+        assert (geometry["pool"], geometry["pos_embed"], geometry["num_classes"]) == ("gap_norm", "learned", 10)
+        jax.tree.map(np.testing.assert_array_equal, params, load_params(workdir, 4))
 
 
 def test_unknown_variant_is_a_user_error():

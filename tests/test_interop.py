@@ -172,7 +172,7 @@ def saved_state_dict(tmp_path, edit):
 
 
 @pytest.mark.parametrize("edit, named", [
-    (lambda sd: sd.update({"head.weight": np.zeros((10, 32), np.float32)}), "head.weight"),
+    (lambda sd: sd.update({"dist_token": np.zeros((1, 1, 32), np.float32)}), "dist_token"),
     (lambda sd: sd.pop("blocks.1.mlp.fc2.bias"), "blocks.1.mlp.fc2.bias"),
     (lambda sd: sd.update({"pos_embed": sd["pos_embed"] + 0.1}), "pos_embed"),
     (lambda sd: sd.update({"decoder_pred.weight": np.zeros((50, 16), np.float32)}), "decoder_pred.weight"),

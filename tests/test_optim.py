@@ -32,6 +32,16 @@ def test_weight_decay_skips_biases_and_norm_scales():
     assert float(jnp.abs(updates["norm"]["scale"]).max()) == 0
 
 
+def test_no_decay_names_exempt_whole_subtrees_as_mae_fine_tuning():
+    params = {"cls_token": {"cls": jnp.ones((1, 1, 4))}, "pos_embed": {"table": jnp.ones((5, 4))},
+              "head": {"kernel": jnp.ones((4, 2))}}
+    tx = optim.make_optimizer(recipe(weight_decay=0.5, no_decay=("cls_token", "pos_embed")),
+                              optax.constant_schedule(1.0))
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    moved = {k: float(jnp.abs(jax.tree.leaves(v)[0]).max()) > 0 for k, v in updates.items()}
+    assert moved == {"cls_token": False, "pos_embed": False, "head": True}
+
+
 def test_cosine_warms_up_linearly_then_decays_to_min_lr():
     schedule = optim.schedule(recipe(min_lr=1e-5), 1.0, steps_per_epoch=10, total_steps=100)
     np.testing.assert_allclose([schedule(0), schedule(10), schedule(20)], [0.0, 0.5, 1.0], atol=1e-7)

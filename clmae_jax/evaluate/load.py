@@ -103,21 +103,19 @@ def load_run_encoder(path: str, step: int = -1) -> Encoder:
     return encoder
 
 
+def foreign_encoder(path: str, geometry: dict, params) -> Encoder:
+    """The encoder part of MAE / CL-MAE weights imported from the PyTorch file at `path`."""
+    params = encoder_params(params.get("mae", params))
+    return Encoder(name=path, params=jax.tree.map(np.asarray, params), num_heads=int(geometry["num_heads"]),
+                   mean=tuple(geometry["mean"]), std=tuple(geometry["std"]))
+
+
 def load_foreign_encoder(path: str) -> Encoder:
-    """A PyTorch / Hugging Face encoder through clmae_jax.interop (imported only when needed)."""
-    try:
-        from clmae_jax.interop import load_pretrained
-    except ImportError as e:
-        raise UserError(f"{path} is not an MAE / CL-MAE workdir or step folder, and the PyTorch importer "
-                        "(clmae_jax.interop) is not available in this installation; convert the weights or point "
-                        "config.encoder.checkpoint at a run folder.") from e
+    """A PyTorch / Hugging Face encoder through clmae_jax.interop."""
+    from clmae_jax.interop import load_pretrained
     if not os.path.exists(path):
         raise MissingInputError(f"config.encoder.checkpoint={path} does not exist.")
-    geometry, params = load_pretrained(path)
-    params = encoder_params(params.get("mae", params))
-    get = geometry.get if isinstance(geometry, dict) else lambda k, d=None: getattr(geometry, k, d)
-    return Encoder(name=path, params=jax.tree.map(np.asarray, params), num_heads=int(get("num_heads")),
-                   mean=tuple(get("mean", (0.485, 0.456, 0.406))), std=tuple(get("std", (0.229, 0.224, 0.225))))
+    return foreign_encoder(path, *load_pretrained(path))
 
 
 def load_weights(path: str, step: int = -1) -> Encoder:

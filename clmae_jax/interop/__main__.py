@@ -1,13 +1,15 @@
-"""Converts MAE / CL-MAE weights between our runs and PyTorch.
+"""Converts MAE / CL-MAE / ViT-classifier weights between our runs and PyTorch.
 
     python -m clmae_jax.interop --from=PATH --to=PATH [--format=fbmae|hf|npz] [--step=N]
 
---from: one of our MAE / CL-MAE run workdirs (newest committed checkpoint, or --step) or step folders
-        (WORKDIR/checkpoints/<step>), or a PyTorch file / Hugging Face folder that `load_pretrained` reads.
---to / --format: "fbmae" writes a facebookresearch/mae .pth ({"model": state dict}; CL-MAE runs keep their
-        masking module as masking_net.*), "hf" a Hugging Face ViTMAEForPreTraining folder (MAE part only), "npz"
-        our parameter tree flattened to "a/b/c" keys with the geometry as JSON under "__geometry__". Without
-        --format: .pth/.pt -> fbmae, .npz -> npz, anything else -> hf.
+--from: one of our run workdirs (MAE, CL-MAE, or a supervised / fine-tuning run of the ViT; newest committed
+        checkpoint, or --step) or step folders (WORKDIR/checkpoints/<step>), or a PyTorch file / Hugging Face
+        folder (facebookresearch/mae, official CL-MAE, timm, ViTMAE, ViTForImageClassification).
+--to / --format: "fbmae" writes a facebookresearch/mae (= timm) .pth ({"model": state dict}; CL-MAE runs keep
+        their masking module as masking_net.*), "hf" a Hugging Face folder (ViTMAEForPreTraining, MAE part only;
+        ViTForImageClassification for CLS-pooling classifiers), "npz" our parameter tree flattened to "a/b/c" keys
+        with the geometry as JSON under "__geometry__". Without --format: .pth/.pt -> fbmae, .npz -> npz,
+        anything else -> hf.
 """
 import argparse
 import json
@@ -16,7 +18,9 @@ import jax
 import numpy as np
 
 from clmae_jax.evaluate.load import is_workdir_or_step, read_train_config, resolve_step_folder, restore_params
-from clmae_jax.interop.mae_torch import load_pretrained, params_geometry, save_fbmae, save_hf
+from clmae_jax.interop.classifier_torch import (classifier_params_geometry, load_torch_weights,
+                                                save_classifier_fbmae, save_classifier_hf)
+from clmae_jax.interop.mae_torch import params_geometry, save_fbmae, save_hf
 from clmae_jax.models.vit import vit_size
 from clmae_jax.runtime.errors import UserError
 
@@ -24,10 +28,15 @@ FORMATS = ("fbmae", "hf", "npz")
 
 
 def load_run(path: str, step: int) -> tuple:
-    """(geometry, params) of one of our runs, the geometry from its config.json."""
+    """(geometry, params) of one of our runs (MAE, CL-MAE or ViT classifier), the geometry from its config.json."""
     workdir, folder, _ = resolve_step_folder(path, step)
     config = read_train_config(workdir)
     params = restore_params(folder)
+    if config.model.get("name") == "vit":  # A supervised / fine-tuning run of the ViT classifier.
+        geometry = classifier_params_geometry(params, image_size=config.input.image_size,
+                                              num_heads=vit_size(config.model.size)["num_heads"],
+                                              pool=config.model.pool, mean=config.input.mean, std=config.input.std)
+        return geometry, params
     geometry = params_geometry(params, image_size=config.input.image_size,
                                num_heads=vit_size(config.model.size)["num_heads"],
                                decoder_heads=config.model.decoder_heads,
@@ -55,11 +64,12 @@ def output_format(path: str, given: str) -> str:
 def convert(source: str, target: str, fmt: str = "", step: int = -1):
     """Reads `source` (our run or a PyTorch file / folder) and writes `target` in `fmt`."""
     fmt = output_format(target, fmt)
-    geometry, params = load_run(source, step) if is_workdir_or_step(source) else load_pretrained(source)
+    geometry, params = load_run(source, step) if is_workdir_or_step(source) else load_torch_weights(source)
+    classifier = "num_classes" in geometry
     if fmt == "fbmae":
-        save_fbmae(params, geometry, target)
+        (save_classifier_fbmae if classifier else save_fbmae)(params, geometry, target)
     elif fmt == "hf":
-        save_hf(params, geometry, target)
+        (save_classifier_hf if classifier else save_hf)(params, geometry, target)
     else:
         save_npz(params, geometry, target)
     return fmt

@@ -33,33 +33,36 @@ MAE_DECODER_HEADS = 16  # Every published MAE decoder (512 wide) uses 16 heads.
 MASKER_HEADS = 4  # The official MaskingNet's constructor default; not recoverable from shapes.
 FIXED_BUFFERS = ("pos_embed", "decoder_pos_embed", "masking_net.pos_embed")
 # What a file's metadata or config may tell beyond its shapes.
-HINT_KEYS = ("num_heads", "decoder_heads", "masker_heads", "image_size", "mean", "std", "mask_ratio", "norm_pix_loss")
+HINT_KEYS = ("num_heads", "decoder_heads", "masker_heads", "image_size", "mean", "std", "mask_ratio", "norm_pix_loss",
+             "pool", "pos_embed")
 
 
 # ---------------------------------------------------------------- the fb/mae layout: torch key -> our leaf
 
 
-def _linear(torch_name: str, path: tuple) -> dict:
+def linear_keys(torch_name: str, path: tuple) -> dict:
     """nn.Linear <-> nn.Dense (weight [out, in] is kernel [in, out])."""
     return {f"{torch_name}.weight": (path + ("kernel",), "linear"), f"{torch_name}.bias": (path + ("bias",), "plain")}
 
 
-def _norm(torch_name: str, path: tuple) -> dict:
+def norm_keys(torch_name: str, path: tuple) -> dict:
     """nn.LayerNorm <-> nn.LayerNorm (weight is scale)."""
     return {f"{torch_name}.weight": (path + ("scale",), "plain"), f"{torch_name}.bias": (path + ("bias",), "plain")}
 
 
-def _block(prefix: str, path: tuple) -> dict:
+def block_keys(prefix: str, path: tuple) -> dict:
     """One timm pre-norm block <-> vit.Block."""
-    return {**_norm(f"{prefix}.norm1", path + ("norm1",)), **_linear(f"{prefix}.attn.qkv", path + ("attn", "qkv")),
-            **_linear(f"{prefix}.attn.proj", path + ("attn", "proj")), **_norm(f"{prefix}.norm2", path + ("norm2",)),
-            **_linear(f"{prefix}.mlp.fc1", path + ("mlp", "fc1")),
-            **_linear(f"{prefix}.mlp.fc2", path + ("mlp", "fc2"))}
+    return {**norm_keys(f"{prefix}.norm1", path + ("norm1",)),
+            **linear_keys(f"{prefix}.attn.qkv", path + ("attn", "qkv")),
+            **linear_keys(f"{prefix}.attn.proj", path + ("attn", "proj")),
+            **norm_keys(f"{prefix}.norm2", path + ("norm2",)),
+            **linear_keys(f"{prefix}.mlp.fc1", path + ("mlp", "fc1")),
+            **linear_keys(f"{prefix}.mlp.fc2", path + ("mlp", "fc2"))}
 
 
-def _blocks(prefix: str, depth: int, path: tuple) -> dict:
+def blocks_keys(prefix: str, depth: int, path: tuple) -> dict:
     """`depth` blocks named prefix.N <-> path/blockN."""
-    return {k: v for i in range(depth) for k, v in _block(f"{prefix}.{i}", path + (f"block{i}",)).items()}
+    return {k: v for i in range(depth) for k, v in block_keys(f"{prefix}.{i}", path + (f"block{i}",)).items()}
 
 
 def fbmae_layout(geometry: dict) -> dict:
@@ -68,19 +71,20 @@ def fbmae_layout(geometry: dict) -> dict:
     layout = {"patch_embed.proj.weight": (mae + ("patch_embed", "proj", "kernel"), "conv"),
               "patch_embed.proj.bias": (mae + ("patch_embed", "proj", "bias"), "plain"),
               "cls_token": (mae + ("cls_token", "cls"), "plain"),
-              **_blocks("blocks", geometry["depth"], mae + ("encoder",)), **_norm("norm", mae + ("encoder", "norm"))}
+              **blocks_keys("blocks", geometry["depth"], mae + ("encoder",)),
+              **norm_keys("norm", mae + ("encoder", "norm"))}
     if geometry.get("decoder_depth"):
-        layout.update({**_linear("decoder_embed", mae + ("decoder_embed",)),
+        layout.update({**linear_keys("decoder_embed", mae + ("decoder_embed",)),
                        "mask_token": (mae + ("mask_token",), "plain"),
-                       **_blocks("decoder_blocks", geometry["decoder_depth"], mae + ("decoder",)),
-                       **_norm("decoder_norm", mae + ("decoder", "norm")),
-                       **_linear("decoder_pred", mae + ("decoder_pred",))})
+                       **blocks_keys("decoder_blocks", geometry["decoder_depth"], mae + ("decoder",)),
+                       **norm_keys("decoder_norm", mae + ("decoder", "norm")),
+                       **linear_keys("decoder_pred", mae + ("decoder_pred",))})
     if geometry.get("masker_depth"):
         # Our masker's Transformer ends in the LayerNorm that is MaskingNet's mlp_head.0 (see models/masker.py).
         layout.update({"masking_net.cls_token": (("masker", "cls_token", "cls"), "plain"),
-                       **_blocks("masking_net.blocks", geometry["masker_depth"], ("masker", "blocks")),
-                       **_norm("masking_net.mlp_head.0", ("masker", "blocks", "norm")),
-                       **_linear("masking_net.mlp_head.1", ("masker", "head"))})
+                       **blocks_keys("masking_net.blocks", geometry["masker_depth"], ("masker", "blocks")),
+                       **norm_keys("masking_net.mlp_head.0", ("masker", "blocks", "norm")),
+                       **linear_keys("masking_net.mlp_head.1", ("masker", "head"))})
     return layout
 
 
@@ -91,6 +95,8 @@ def to_torch_layout(value, kind: str) -> np.ndarray:
         value = value.T
     elif kind == "conv":  # [p, p, C, D] -> [D, C, p, p].
         value = value.transpose(3, 2, 0, 1)
+    elif kind == "table":  # A learned position table [1 + L, D] -> [1, 1 + L, D].
+        value = value[None]
     return np.ascontiguousarray(value)
 
 
@@ -101,6 +107,8 @@ def from_torch_layout(value, kind: str) -> np.ndarray:
         value = value.T
     elif kind == "conv":  # [D, C, p, p] -> [p, p, C, D].
         value = value.transpose(2, 3, 1, 0)
+    elif kind == "table":
+        value = value[0]
     return np.ascontiguousarray(value)
 
 
@@ -304,7 +312,7 @@ HF_TOP_NAMES = {
     "vit.embeddings.patch_embeddings.projection": "patch_embed.proj", "vit.layernorm": "norm",
     "decoder.decoder_embed": "decoder_embed", "decoder.mask_token": "mask_token",
     "decoder.decoder_pos_embed": "decoder_pos_embed", "decoder.decoder_norm": "decoder_norm",
-    "decoder.decoder_pred": "decoder_pred",
+    "decoder.decoder_pred": "decoder_pred", "classifier": "head",  # ViTForImageClassification's head.
 }
 # Layer stacks: the Hub's names, transformers 5's in-memory names, and what transformers 5.x's save_pretrained writes
 # for the decoder (its reverse renaming of "encoder.layer" <-> "layers" also hits "decoder_layers").
@@ -472,7 +480,7 @@ def read_weights(path: str) -> tuple:
         path = os.path.join(path, names[0])
     state_dict, hints = (read_safetensors(path), {}) if path.endswith(".safetensors") else read_torch_file(path)
     config = read_json(os.path.join(folder, "config.json"))
-    if config.get("model_type") == "vit_mae":
+    if config.get("model_type") in ("vit_mae", "vit"):
         hints = {**hints, **hints_from_hf_config(config, path)}
     processor = read_json(os.path.join(folder, "preprocessor_config.json"))
     if "image_mean" in processor:
@@ -480,13 +488,20 @@ def read_weights(path: str) -> tuple:
     return {k: to_numpy(v) for k, v in state_dict.items()}, hints
 
 
-def load_pretrained(path: str, num_heads=None, decoder_heads=None) -> tuple:
-    """(geometry, our params) of an MAE / CL-MAE PyTorch file or HF folder; encoder-only files give the encoder."""
+def read_state_dict(path: str) -> tuple:
+    """(state dict in fb/mae names, hints) of any PyTorch file or Hugging Face folder the importers read."""
     if not os.path.exists(path):
         raise MissingInputError(f"{path} does not exist.")
     state_dict, hints = read_weights(path)
-    if is_hf_state_dict(state_dict):
-        state_dict = hf_to_fbmae(state_dict, path)
+    return (hf_to_fbmae(state_dict, path) if is_hf_state_dict(state_dict) else state_dict), hints
+
+
+def load_pretrained(path: str, num_heads=None, decoder_heads=None) -> tuple:
+    """(geometry, our params) of an MAE / CL-MAE PyTorch file or HF folder; encoder-only files give the encoder."""
+    state_dict, hints = read_state_dict(path)
+    if "head.weight" in state_dict:
+        raise UserError(f"{path} is a ViT classifier (it has a head), not MAE / CL-MAE pretraining weights: "
+                        "fine-tune from it with config.model.init_from or convert it with python -m clmae_jax.interop.")
     given = {"num_heads": num_heads, "decoder_heads": decoder_heads}
     return from_fbmae_state_dict(state_dict, path, {**hints, **{k: v for k, v in given.items() if v}})
 

@@ -52,6 +52,17 @@ def sincos_2d(width: int, grid_size: int) -> np.ndarray:
     return emb.astype(np.float32)
 
 
+def resize_positions(table, grid: int) -> np.ndarray:
+    """A learned [1 + L, D] position table (CLS row first) for a grid x grid patch grid: the patch rows resized
+    bicubically over their 2-D grid, the CLS row kept (facebookresearch/mae's interpolate_pos_embed)."""
+    table = np.asarray(table, np.float32)
+    old = int(round((table.shape[0] - 1) ** 0.5))
+    if old == grid:
+        return table
+    patches = jax.image.resize(table[1:].reshape(old, old, -1), (grid, grid, table.shape[1]), "cubic", antialias=False)
+    return np.concatenate([table[:1], np.asarray(patches).reshape(grid * grid, -1)])
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches projected to `width` channels: [B,H,W,C] -> [B,L,width]."""
 
@@ -191,6 +202,20 @@ class ClsToken(nn.Module):
 
 
 POOLS = ("cls", "gap", "gap_norm")
+POSITION_EMBEDDINGS = ("sincos", "learned")
+
+
+class LearnedPositions(nn.Module):
+    """A learnable [1, 1 + L, D] position table added after the CLS token, started at the fixed sin-cos table with
+    a zero CLS row: MAE fine-tuning (timm's `pos_embed` parameter, loaded from the pretraining checkpoint)."""
+
+    grid: int
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        start = lambda _: jnp.concatenate([jnp.zeros((1, width)), sincos_2d(width, self.grid)])
+        return x + self.param("table", start)[None].astype(x.dtype)
 
 
 class ViTClassifier(nn.Module):
@@ -198,6 +223,7 @@ class ViTClassifier(nn.Module):
 
     pool: "cls" (CLS token after the final norm), "gap" (mean of the normed patch tokens) or "gap_norm" (MAE
     fine-tuning's global pool: mean of the last block's patch tokens, then `fc_norm` in place of the final norm).
+    pos_embed: "sincos" (fixed, as in pretraining) or "learned" (MAE / timm / Hugging Face classifiers train it).
     The parameter names are the MAE encoder's (patch_embed, cls_token, encoder), so pretrained weights drop in.
     """
 
@@ -211,15 +237,21 @@ class ViTClassifier(nn.Module):
     dtype: Any = jnp.float32
     drop_path: float = 0.0
     head_init_std: float = 0.02  # MAE fine-tuning: 2e-5.
+    pos_embed: str = "sincos"
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         if self.pool not in POOLS:
             raise UserError(f"Unknown config.model.pool {self.pool!r}; use one of {', '.join(POOLS)}.")
+        if self.pos_embed not in POSITION_EMBEDDINGS:
+            raise UserError(f"Unknown config.model.pos_embed {self.pos_embed!r}; use one of "
+                            f"{', '.join(POSITION_EMBEDDINGS)}.")
         x = PatchEmbed(self.patch_size, self.width, self.dtype, name="patch_embed")(images)
         grid = int(round(x.shape[1] ** 0.5))
-        x = x + jnp.asarray(sincos_2d(self.width, grid), self.dtype)[None]
-        x = ClsToken(name="cls_token")(x)
+        if self.pos_embed == "learned":
+            x = LearnedPositions(grid, name="pos_embed")(ClsToken(name="cls_token")(x))
+        else:
+            x = ClsToken(name="cls_token")(x + jnp.asarray(sincos_2d(self.width, grid), self.dtype)[None])
         x = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype, drop_path=self.drop_path,
                         deterministic=not train, final_norm=self.pool != "gap_norm", name="encoder")(x)
         if self.pool == "cls":

@@ -5,9 +5,10 @@ import optax
 from clmae_jax.runtime.errors import UserError
 
 
-def decay_mask(params):
-    """Weight decay on matrices and kernels only; biases and norm scales (1-D) are exempt (timm's add_weight_decay)."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+def decay_mask(params, exempt=()):
+    """Weight decay on matrices and kernels only: biases and norm scales (1-D) are exempt (timm's add_weight_decay),
+    and so is every parameter under a top-level name in `exempt` (MAE fine-tuning: cls_token, pos_embed)."""
+    return jax.tree_util.tree_map_with_path(lambda path, p: p.ndim > 1 and path[0].key not in exempt, params)
 
 
 def learning_rate(config, global_batch_size: int) -> float:
@@ -33,7 +34,9 @@ def schedule(config, peak_lr: float, steps_per_epoch: int, total_steps: int) -> 
 def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
     """The optax transformation named by config.name ('adamw', 'sgd' or 'adamax')."""
     if config.name == "adamw":
-        tx = optax.adamw(lr_schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask)
+        exempt = tuple(config.get("no_decay", ()))
+        tx = optax.adamw(lr_schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                         mask=lambda params: decay_mask(params, exempt))
     elif config.name == "sgd":
         # PyTorch SGD adds weight decay to the gradient (L2), before momentum.
         tx = optax.chain(optax.add_decayed_weights(config.weight_decay),

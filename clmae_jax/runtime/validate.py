@@ -18,6 +18,7 @@ NAMES = {  # Field -> accepted values (the modules that read them raise the same
     "optimizer.name": ("adamw", "sgd", "adamax"),
     "optimizer.schedule": ("cosine", "step", "constant"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.pos_embed": ("sincos", "learned"),
     "clmae.curriculum": ("linear", "partner", "adversary", "neutral"),
     "clmae.freeze": ("exact", "official"),
     "cbm.salience": ("sobel", "uniform"),

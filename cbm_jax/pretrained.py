@@ -1,0 +1,73 @@
+"""Starting a ViT classifier from pretrained weights (config.model.init_from): an MAE / CL-MAE encoder from one
+of our runs or a PyTorch file, or a whole PyTorch / Hugging Face ViT classifier."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from clmae_jax.evaluate import load
+from clmae_jax.evaluate.encoder import Geometry, check_geometry, config_geometry
+from clmae_jax.models.vit import resize_positions
+from clmae_jax.runtime.errors import UserError
+
+
+def with_pretrained_weights(variables: dict, config, path: str) -> dict:
+    """ViT classifier `variables` started from `path`: an MAE / CL-MAE run or PyTorch file (its encoder) or a
+    PyTorch / Hugging Face ViT classifier (every weight that fits)."""
+    if load.is_workdir_or_step(path):
+        return with_pretrained_encoder(variables, config, load.load_run_encoder(path))
+    from clmae_jax.interop.classifier_torch import load_torch_weights
+    geometry, params = load_torch_weights(path)
+    if "num_classes" in geometry:
+        return with_pretrained_classifier(variables, config, geometry, params, path)
+    return with_pretrained_encoder(variables, config, load.foreign_encoder(path, geometry, params))
+
+
+def model_description(config) -> str:
+    """'config.model (size 'mini', patch_size 4)', for error messages."""
+    return f"config.model (size {config.model.size!r}, patch_size {config.model.patch_size})"
+
+
+def with_leaves(variables: dict, pretrained: dict, source: str) -> dict:
+    """`variables` whose top-level params named in `pretrained` are replaced, every shape checked."""
+    params = dict(variables["params"])
+    for key, value in pretrained.items():
+        if jax.tree.map(np.shape, value) != jax.tree.map(jnp.shape, params[key]):
+            raise UserError(f"params/{key} of {source} does not fit config.model; fine-tune with the model config "
+                            "the weights were trained with.")
+        params[key] = jax.tree.map(jnp.asarray, value)
+    logging.info("Initialised %s from the %s", ", ".join(sorted(pretrained)), source)
+    return {**variables, "params": params}
+
+
+def with_pretrained_encoder(variables: dict, config, encoder) -> dict:
+    """ViT classifier `variables` whose patch embedding, CLS token and blocks are a pretrained MAE / CL-MAE
+    encoder's; the head (and fc_norm, and a learned position table: the sin-cos one) stay fresh, as in MAE
+    fine-tuning."""
+    check_geometry(encoder.geometry, f"encoder {encoder.name}", config_geometry(config), model_description(config))
+    pretrained = dict(encoder.params)
+    if config.model.pool == "gap_norm":  # The encoder's final norm is replaced by fc_norm after pooling.
+        pretrained["encoder"] = {k: v for k, v in pretrained["encoder"].items() if k != "norm"}
+    return with_leaves(variables, pretrained, f"encoder {encoder.name}")
+
+
+def with_pretrained_classifier(variables: dict, config, geometry: dict, params: dict, path: str) -> dict:
+    """ViT classifier `variables` holding an imported classifier's weights; the head stays fresh when the number
+    of classes differs, and a learned position table is resized to the config's patch grid."""
+    found = Geometry(geometry["width"], geometry["depth"], geometry["patch_size"], geometry["channels"])
+    check_geometry(found, f"classifier {path}", config_geometry(config), model_description(config))
+    if geometry["pool"] != config.model.pool:
+        raise UserError(f"{path} pools {geometry['pool']!r} but config.model.pool={config.model.pool!r}; set "
+                        f"config.model.pool={geometry['pool']!r}.")
+    if geometry["pos_embed"] == "learned" and config.model.get("pos_embed", "sincos") != "learned":
+        raise UserError(f"{path} has a learned position table; set config.model.pos_embed='learned'.")
+    pretrained = dict(params)
+    if "pos_embed" in pretrained:
+        grid = config.input.image_size // config.model.patch_size
+        pretrained["pos_embed"] = {"table": resize_positions(pretrained["pos_embed"]["table"], grid)}
+    classes = variables["params"]["head"]["kernel"].shape[1]
+    if geometry["num_classes"] != classes:
+        logging.info("%s has %d classes, the config %d: its head is not used.", path, geometry["num_classes"],
+                     classes)
+        del pretrained["head"]
+    return with_leaves(variables, pretrained, f"classifier {path}")

@@ -1,0 +1,164 @@
+"""ViT classifiers between our `ViTClassifier` trees and PyTorch, for fine-tuned MAE / CL-MAE encoders.
+
+Two PyTorch layouts, both mapped through the fb/mae names of `mae_torch`:
+- facebookresearch/mae fine-tuned models and timm `VisionTransformer` (the same names): patch_embed.proj,
+  cls_token, pos_embed (a learned parameter once fine-tuned), blocks.N, then `norm` + `head` (CLS pooling, timm's
+  default; or the mean of the normed tokens, our "gap", named by our files' metadata) or `fc_norm` + `head` (MAE's
+  global pool, whose `norm` is deleted: our "gap_norm");
+- Hugging Face `ViTForImageClassification`: the ViT encoder names plus `classifier`, CLS pooling only.
+A file whose position table is the fixed sin-cos one imports as `pos_embed="sincos"`, any other as "learned" (our
+own exports say which in their metadata: a learned table that has not moved yet stays learned).
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clmae_jax.interop import mae_torch
+from clmae_jax.interop.mae_torch import blocks_keys, linear_keys, norm_keys
+from clmae_jax.models.vit import ViTClassifier
+from clmae_jax.runtime.errors import UserError
+
+
+def is_classifier_state_dict(state_dict: dict) -> bool:
+    """True for a classifier (fb/mae names, a `head`), False for MAE / CL-MAE pretraining weights."""
+    return "head.weight" in state_dict
+
+
+def classifier_layout(geometry: dict) -> dict:
+    """Every fb/mae / timm classifier parameter name for `geometry`, mapped to (our path, layout kind)."""
+    layout = {"patch_embed.proj.weight": (("patch_embed", "proj", "kernel"), "conv"),
+              "patch_embed.proj.bias": (("patch_embed", "proj", "bias"), "plain"),
+              "cls_token": (("cls_token", "cls"), "plain"),
+              **blocks_keys("blocks", geometry["depth"], ("encoder",)), **linear_keys("head", ("head",))}
+    if geometry["pool"] == "gap_norm":
+        layout.update(norm_keys("fc_norm", ("fc_norm",)))
+    else:
+        layout.update(norm_keys("norm", ("encoder", "norm")))
+    if geometry["pos_embed"] == "learned":
+        layout["pos_embed"] = (("pos_embed", "table"), "table")
+    return layout
+
+
+def position_kind(state_dict: dict, geometry: dict) -> str:
+    """'sincos' when the file's position table is the fixed one our ViT computes, else 'learned'."""
+    table = mae_torch.fixed_buffer_tables({**geometry, "decoder_depth": 0, "masker_depth": 0})["pos_embed"]
+    found = np.asarray(state_dict["pos_embed"], np.float32)
+    return "sincos" if found.shape == table.shape and np.allclose(found, table, atol=1e-5) else "learned"
+
+
+def classifier_geometry(state_dict: dict, what: str, hints: dict) -> dict:
+    """Geometry of an fb/mae / timm classifier state dict: the encoder's, plus classes, pooling, position table."""
+    mae_torch.require(state_dict, "pos_embed", what)
+    geometry = mae_torch.fbmae_geometry(state_dict, what, hints)
+    pool = "gap_norm" if "fc_norm.weight" in state_dict else hints.get("pool") or "cls"
+    geometry.update(num_classes=int(np.shape(state_dict["head.weight"])[0]), pool=pool)
+    geometry["pos_embed"] = hints.get("pos_embed") or position_kind(state_dict, geometry)
+    return geometry
+
+
+def classifier_shapes(geometry: dict) -> dict:
+    """Leaf shapes of our ViTClassifier for `geometry`, keyed by path tuple."""
+    side = geometry["image_size"]
+    tree = jax.eval_shape(lambda rng: build_classifier(geometry).init(rng, jnp.zeros((1, side, side,
+                                                                                      geometry["channels"]))),
+                          jax.random.key(0))["params"]
+    return {tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def build_classifier(geometry: dict) -> ViTClassifier:
+    """Our ViTClassifier for `geometry` (float32, no drop path)."""
+    return ViTClassifier(geometry["num_classes"], patch_size=geometry["patch_size"], width=geometry["width"],
+                         depth=geometry["depth"], num_heads=geometry["num_heads"], mlp_ratio=geometry["mlp_ratio"],
+                         pool=geometry["pool"], pos_embed=geometry["pos_embed"])
+
+
+def from_classifier_state_dict(state_dict: dict, what: str = "state dict", hints: dict | None = None) -> tuple:
+    """(geometry, our ViTClassifier params) from an fb/mae / timm classifier state dict of numpy arrays."""
+    geometry = classifier_geometry(state_dict, what, hints or {})
+    layout = classifier_layout(geometry)
+    known = set(layout) | {"pos_embed"}
+    unknown = [k for k in state_dict if k not in known]
+    if unknown:
+        raise UserError(f"{what}: unknown key {unknown[0]!r} ({len(unknown)} unknown in all) for a ViT classifier "
+                        f"with {geometry['pool']!r} pooling (distillation tokens, layer scale, registers and "
+                        "relative positions have no place in our ViT).")
+    missing = [k for k in layout if k not in state_dict]
+    if missing:
+        raise UserError(f"{what}: missing key {missing[0]!r} ({len(missing)} missing in all).")
+    shapes, params = classifier_shapes(geometry), {}
+    for key, (path, kind) in layout.items():
+        value = mae_torch.from_torch_layout(state_dict[key], kind)
+        if shapes[path] != value.shape:
+            raise UserError(f"{what}: {key!r} has shape {tuple(np.shape(state_dict[key]))}, which does not fit a "
+                            f"ViT of width {geometry['width']}, patch {geometry['patch_size']} and MLP ratio "
+                            f"{geometry['mlp_ratio']:g}.")
+        mae_torch.set_leaf(params, path, value)
+    return geometry, params
+
+
+def to_classifier_state_dict(params, geometry: dict) -> dict:
+    """fb/mae / timm state dict {name: float32 numpy} of our classifier params (the sin-cos table when fixed)."""
+    state_dict = {key: mae_torch.to_torch_layout(mae_torch.get_leaf(params, path), kind)
+                  for key, (path, kind) in classifier_layout(geometry).items()}
+    if geometry["pos_embed"] == "sincos":
+        state_dict["pos_embed"] = mae_torch.fixed_buffer_tables(
+            {**geometry, "decoder_depth": 0, "masker_depth": 0})["pos_embed"]
+    return state_dict
+
+
+def classifier_params_geometry(params, *, image_size: int, num_heads: int, pool: str, mean, std) -> dict:
+    """Geometry of one of our ViTClassifier trees: sizes from its shapes, the rest from the arguments."""
+    kernel = np.shape(params["patch_embed"]["proj"]["kernel"])
+    hidden = np.shape(params["encoder"]["block0"]["mlp"]["fc1"]["kernel"])[1]
+    return dict(width=kernel[3], depth=sum(1 for n in params["encoder"] if n.startswith("block")),
+                num_heads=num_heads, mlp_ratio=hidden / kernel[3], patch_size=kernel[0], channels=kernel[2],
+                image_size=image_size, num_classes=int(np.shape(params["head"]["kernel"])[1]), pool=pool,
+                pos_embed="learned" if "pos_embed" in params else "sincos", mean=tuple(mean), std=tuple(std))
+
+
+def hf_classifier_config(geometry: dict) -> dict:
+    """config.json of a ViTForImageClassification with our geometry (LayerNorm eps 1e-6, exact GELU, no dropout)."""
+    labels = {str(i): f"LABEL_{i}" for i in range(geometry["num_classes"])}
+    return {"architectures": ["ViTForImageClassification"], "model_type": "vit",
+            "hidden_size": geometry["width"], "num_hidden_layers": geometry["depth"],
+            "num_attention_heads": geometry["num_heads"],
+            "intermediate_size": int(round(geometry["width"] * geometry["mlp_ratio"])),
+            "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+            "initializer_range": 0.02, "layer_norm_eps": mae_torch.LAYER_NORM_EPS, "qkv_bias": True,
+            "image_size": geometry["image_size"], "patch_size": geometry["patch_size"],
+            "num_channels": geometry["channels"], "id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
+
+
+def load_torch_weights(path: str, num_heads=None, decoder_heads=None) -> tuple:
+    """(geometry, our params) of an MAE / CL-MAE or ViT-classifier file; a classifier's geometry has num_classes."""
+    state_dict, hints = mae_torch.read_state_dict(path)
+    hints = {**hints, **{k: v for k, v in (("num_heads", num_heads), ("decoder_heads", decoder_heads)) if v}}
+    if is_classifier_state_dict(state_dict):
+        return from_classifier_state_dict(state_dict, path, hints)
+    return mae_torch.from_fbmae_state_dict(state_dict, path, hints)
+
+
+def save_classifier_fbmae(params, geometry: dict, path: str):
+    """Writes our classifier as an fb/mae / timm .pth: {"model": state dict, "clmae_jax": geometry}."""
+    import torch
+    state_dict = {k: torch.from_numpy(v) for k, v in to_classifier_state_dict(params, geometry).items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"model": state_dict, mae_torch.METADATA_KEY: dict(geometry)}, path)
+
+
+def save_classifier_hf(params, geometry: dict, folder: str):
+    """Writes a folder ViTForImageClassification.from_pretrained loads (CLS-pooling classifiers only)."""
+    if geometry["pool"] != "cls":
+        raise UserError(f"Hugging Face ViTForImageClassification pools the CLS token; this classifier pools "
+                        f"{geometry['pool']!r}: export it to the fb/mae / timm .pth layout instead.")
+    state_dict = mae_torch.fbmae_to_hf(to_classifier_state_dict(params, geometry))
+    os.makedirs(folder, exist_ok=True)
+    for name, content in (("config.json", hf_classifier_config(geometry)),
+                          ("preprocessor_config.json", mae_torch.preprocessor_config(geometry))):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=2)
+    from safetensors.numpy import save_file
+    save_file(state_dict, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
