@@ -5,7 +5,10 @@
 The MAE step is built by the trainer (train_mae.MAE) at the training batch; extraction is the kNN / linear-probe
 feature function (`Encoder.features`, the un-masked encoder on every token, both pools) of that run's encoder at
 the evaluation batch. Both run in turn for --rounds rounds (median kept) on random uint8 images. The table gives
-images/s of each and their ratio (the evaluation issue asks for >= 3x). JSON goes to --out.
+images/s of each, XLA's FLOPs per image and the FLOP/s each achieves, and the images/s ratio (the evaluation issue
+asks for >= 3x) beside the ratio the FLOPs allow at equal FLOP/s (MAE step FLOPs / extraction FLOPs per image: a
+forward pass over every token costs about as much as the MAE step's backward over a quarter of them plus its
+decoder). JSON goes to --out.
 """
 import importlib
 import json
@@ -38,8 +41,8 @@ def extraction_runner(config, params, mesh):
     eval_config = config.copy_and_resolve_references()
     eval_config.batch_size = FLAGS.eval_batch
     batch = harness.random_batch(eval_config, mesh)["image"]
-    features = jax.jit(encoder.features)
-    return harness.timed(lambda: jax.block_until_ready(features(encoder.params, batch)), FLAGS.steps)
+    features, stats = harness.compile_stats(jax.jit(encoder.features), encoder.params, batch)
+    return harness.timed(lambda: jax.block_until_ready(features(encoder.params, batch)), FLAGS.steps), stats
 
 
 def main(argv):
@@ -50,22 +53,26 @@ def main(argv):
     built = jax_steps.mae(config)
     experiment = built[0]
     state = experiment.create_train_state()
-    runners = {"mae_step": jax_steps.runner(built, FLAGS.steps),
-               "extraction": extraction_runner(config, state.params, experiment.mesh)}
+    extraction, extraction_stats = extraction_runner(config, state.params, experiment.mesh)
+    runners = {"mae_step": jax_steps.runner(built, FLAGS.steps), "extraction": extraction}
     timings = harness.alternate(runners, FLAGS.rounds)
-    rates = {"mae_step": config.batch_size / timings["mae_step"]["median_seconds"],
-             "extraction": FLAGS.eval_batch / timings["extraction"]["median_seconds"]}
-    ratio = rates["extraction"] / rates["mae_step"]
+    batches = {"mae_step": config.batch_size, "extraction": FLAGS.eval_batch}
+    flops = {"mae_step": built[2]["xla_flops"] / config.batch_size,
+             "extraction": extraction_stats["xla_flops"] / FLAGS.eval_batch}
+    rates = {k: batches[k] / timings[k]["median_seconds"] for k in batches}
+    ratio, flop_ratio = rates["extraction"] / rates["mae_step"], flops["mae_step"] / flops["extraction"]
     print(f"{harness.device_line()}; {FLAGS.config}, model {config.model.size}/{config.model.patch_size}, "
           f"{config.input.image_size} px")
-    print("| program | batch | median s/batch | images/s |\n|---|---|---|---|")
-    for name, batch in (("mae_step", config.batch_size), ("extraction", FLAGS.eval_batch)):
-        print(f"| {name} | {batch} | {timings[name]['median_seconds']:.4f} | {rates[name]:.0f} |")
-    print(f"extraction / MAE step images/s: {ratio:.2f}x")
+    print("| program | batch | median s/batch | images/s | XLA MFLOP/image | GFLOP/s |\n|---|---|---|---|---|---|")
+    for name in batches:
+        print(f"| {name} | {batches[name]} | {timings[name]['median_seconds']:.4f} | {rates[name]:.0f} | "
+              f"{flops[name] / 1e6:.1f} | {rates[name] * flops[name] / 1e9:.1f} |")
+    print(f"extraction / MAE step images/s: {ratio:.2f}x (at equal FLOP/s the FLOPs allow {flop_ratio:.2f}x)")
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump({"config": FLAGS.config, "device": harness.device_line(), "timings": timings,
-                   "images_per_sec": rates, "extraction_over_mae_step": ratio}, f, indent=2)
+                   "images_per_sec": rates, "xla_flops_per_image": flops, "extraction_over_mae_step": ratio,
+                   "flop_ratio": flop_ratio}, f, indent=2)
 
 
 if __name__ == "__main__":

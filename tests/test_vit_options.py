@@ -1,13 +1,16 @@
-"""ViT options that change speed and memory, never the numbers: fused attention (`jax.nn.dot_product_attention`)
-against the einsum reference, and per-block rematerialisation."""
+"""ViT options that change speed and memory, not the numbers: fused attention (`jax.nn.dot_product_attention`)
+against the einsum reference, per-block rematerialisation, and bfloat16 parameters (the same losses within
+bfloat16's rounding)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clmae_jax import train_clmae, train_mae
 from clmae_jax.models.clmae import build_mae, init_params, random_masked_loss
 from clmae_jax.models.vit import Attention
-from configs import mae_fashion_mnist
+from clmae_jax.runtime import loop, mesh as mesh_lib
+from configs import clmae_fashion_mnist, mae_fashion_mnist
 from conftest import assert_trees_close
 
 
@@ -33,6 +36,36 @@ def test_option_gives_the_reference_loss_and_gradients(reference, attention, rem
     loss, grads = loss_and_grads(attention, remat)
     np.testing.assert_allclose(loss, reference[0], rtol=1e-6)
     assert_trees_close(grads, reference[1], atol=1e-6)
+
+
+def training_losses(config_module, experiment_cls, loss_key: str, param_dtype: str, steps: int = 4):
+    """(losses of `steps` updates of the real experiment on fixed real-sized images, the final train state)."""
+    config = config_module.get_config("smoke")
+    config.model.param_dtype = param_dtype
+    experiment = experiment_cls(config, mesh_lib.make_mesh(), loop.Budget(config, 100, 100))
+    state = experiment.create_train_state()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (config.batch_size, 28, 28, 1), dtype=np.uint8)
+    batch = mesh_lib.to_global({"image": images}, experiment.mesh)
+    losses = []
+    for step in range(1, steps + 1):  # The loop's 1-based step numbers.
+        state, measurements = experiment.train_step(state, batch, step)
+        losses.append(float(measurements[loss_key]))
+    return np.array(losses), state
+
+
+@pytest.mark.parametrize("setup", [(mae_fashion_mnist, train_mae.MAE, "loss"),
+                                   (clmae_fashion_mnist, train_clmae.CLMAEExperiment, "mae_loss")],
+                         ids=["mae", "clmae"])
+def test_bfloat16_parameters_halve_the_state_and_keep_the_losses(setup):
+    reference, fp32_state = training_losses(*setup, "float32")
+    losses, state = training_losses(*setup, "bfloat16")
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
+    nbytes = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree) if leaf.ndim)
+    assert nbytes(state.params) * 2 == nbytes(fp32_state.params)
+    assert nbytes(state.opt_state) * 2 == nbytes(fp32_state.opt_state)  # AdamW's moments follow the parameters.
+    np.testing.assert_allclose(losses, reference, rtol=2e-2)
+    assert losses[-1] < losses[0]
 
 
 def test_xla_attention_equals_einsum_on_long_sequences():

@@ -30,11 +30,19 @@ def build_mae(config) -> MaskedAutoencoder:
                              attention=m.get("attention", "einsum"), remat=m.get("remat", False))
 
 
+def stored_params(params, config):
+    """`params` in config.model.param_dtype: float32, or bfloat16 to halve parameter and AdamW-moment memory (the
+    update itself is then rounded to bfloat16; compute runs in config.model.dtype either way)."""
+    dtype = jnp.dtype(config.model.get("param_dtype", "float32"))
+    return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
 def init_params(model, config, rng):
-    """Float32 parameters of `model` for config.input's image shape."""
+    """Parameters of `model` for config.input's image shape, stored in config.model.param_dtype."""
     shape = (1, config.input.image_size, config.input.image_size, config.input.channels)
     num_patches = check_geometry(config)
-    return model.init(rng, jnp.zeros(shape), jnp.zeros((1, num_patches)), num_patches // 4)["params"]
+    params = model.init(rng, jnp.zeros(shape), jnp.zeros((1, num_patches)), num_patches // 4)["params"]
+    return stored_params(params, config)
 
 
 def random_masked_loss(model, config, params, images, rng):
@@ -62,7 +70,8 @@ class CLMAE:
         """Parameters of both halves: {"mae", "masker"}."""
         mae_params = init_params(self.mae, self.config, rng)
         tokens = jnp.zeros((1, check_geometry(self.config), self.mae.width))
-        return {"mae": mae_params, "masker": self.masker.init(jax.random.fold_in(rng, 1), tokens)["params"]}
+        masker_params = self.masker.init(jax.random.fold_in(rng, 1), tokens)["params"]
+        return {"mae": mae_params, "masker": stored_params(masker_params, self.config)}
 
     def keep_probabilities(self, params, images):
         """(tokens, keep-probabilities): the module reads the MAE's patch + position embedding, never trains it."""

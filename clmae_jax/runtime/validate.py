@@ -19,6 +19,8 @@ NAMES = {  # Field -> accepted values (the modules that read them raise the same
     "optimizer.schedule": ("cosine", "step", "constant"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.pos_embed": ("sincos", "learned"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.attention": ("einsum", "xla", "cudnn"),
     "clmae.curriculum": ("linear", "partner", "adversary", "neutral"),
     "clmae.freeze": ("exact", "official"),
     "cbm.salience": ("sobel", "uniform"),
