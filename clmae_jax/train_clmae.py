@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clmae_jax import curriculum, losses
+from clmae_jax import curriculum, losses, warm_start
 from clmae_jax.models.clmae import CLMAE, random_masked_loss
 from clmae_jax.pictures import masking_columns
 from clmae_jax.runtime import data, loop, metrics, optim
@@ -185,6 +185,10 @@ class CLMAEExperiment(Experiment):
         params = self.model.init(rng)
         opt_state = {name: self.tx.init(p) for name, p in params.items()}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+    def create_train_state(self):
+        """Random weights, or those config.model.init_from names (official CL-MAE files give both halves)."""
+        return warm_start.with_pretrained(super().create_train_state(), self.config)
 
     def describe(self, state) -> str:
         """Sizes of both halves, learning rate and freezing mode."""

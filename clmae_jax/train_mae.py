@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 
+from clmae_jax import warm_start
 from clmae_jax.models.clmae import build_mae, init_params, random_masked_loss
 from clmae_jax.pictures import masking_columns
 from clmae_jax.runtime import data, loop, optim
@@ -51,6 +52,10 @@ class MAE(Experiment):
         """Random MAE parameters and fresh AdamW moments."""
         params = init_params(self.model, self.config, rng)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    def create_train_state(self):
+        """Random weights, or those config.model.init_from names (an MAE / CL-MAE run or PyTorch file)."""
+        return warm_start.with_pretrained(super().create_train_state(), self.config)
 
     def describe(self, state) -> str:
         """Model size and learning rate."""

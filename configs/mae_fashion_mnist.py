@@ -25,7 +25,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.total_steps = 600
     config.model = ml_collections.ConfigDict(dict(
         size="mini", patch_size=4, decoder_width=64, decoder_depth=2, decoder_heads=4, dtype="float32",
-        param_dtype="float32", attention="einsum", remat=False))
+        param_dtype="float32", attention="einsum", remat=False,
+        init_from=""))
     config.mae.norm_pix_loss = False  # Fashion-MNIST patches are often flat; per-patch variance would be ~0.
     config.optimizer.base_lr = 1.5e-4 * 10
     config.optimizer.warmup_epochs = 0.1

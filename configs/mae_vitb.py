@@ -32,7 +32,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.input = imagenet_input()
     config.model = ml_collections.ConfigDict(dict(
         size="base", patch_size=16, decoder_width=512, decoder_depth=8, decoder_heads=16, dtype="bfloat16",
-        param_dtype="float32", attention="einsum", remat=False))
+        param_dtype="float32", attention="einsum", remat=False,
+        init_from=""))
     config.mae = ml_collections.ConfigDict(dict(mask_ratio=0.75, norm_pix_loss=True))
     config.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=0.0, base_lr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05, schedule="cosine",
