@@ -3,6 +3,7 @@
     python bench/bench_vs_torch.py --preset=cpu            # ViT-B/16, batch 8, float32 (CPU target: >= 1.3x HF)
     python bench/bench_vs_torch.py --preset=gpu            # ViT-B/16, batch 256, bf16 compute (GPU targets)
     python bench/bench_vs_torch.py --preset=gpu --smoke    # the GPU configuration at a tiny size, runs on CPU
+    --fbmae_src=PATH adds facebookresearch/mae's own model (timm Blocks; eager and torch.compile) from a checkout
 
 Same model (the peer is built to the config's sizes), batch, mask ratio and precision policy (fp32, or bf16
 compute with fp32 parameters: torch autocast), full step (forward, backward, AdamW). Every row is warmed up, then
@@ -24,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench import flops, harness, jax_steps, torch_peers  # noqa: E402
+from bench import torch_peers  # noqa: E402, I100 (before TensorFlow: see torch_peers)
+from bench import flops, harness, jax_steps  # noqa: E402
 from configs import clmae_vitb, mae_vitb  # noqa: E402
 
 flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"], "cpu: batch 8, float32; gpu: batch 256, bfloat16 compute.")
@@ -32,6 +34,8 @@ flags.DEFINE_bool("smoke", False, "Shrink the preset to a tiny ViT at 64 px, bat
 flags.DEFINE_list("attentions", [], "JAX attention implementations to time (default: einsum,xla on CPU, "
                   "cudnn,xla on GPU).")
 flags.DEFINE_list("peers", ["hf", "hf_compile"], f"PyTorch peers among {sorted(torch_peers.BUILDERS)}.")
+flags.DEFINE_string("fbmae_src", "", "A checkout of github.com/facebookresearch/mae: adds its MaskedAutoencoderViT "
+                    "(eager and torch.compile) as peers 'fbmae', 'fbmae_compile'.")
 flags.DEFINE_integer("rounds", 3, "Alternating rounds after one warm-up round.")
 flags.DEFINE_integer("steps", 2, "Steps per round and row.")
 flags.DEFINE_string("out", "", "JSON path (default bench/results/vs_torch_PRESET[_smoke].json).")
@@ -93,9 +97,13 @@ def jax_rows(steps: int) -> list:
 def peer_rows(steps: int, failures: dict) -> list:
     """The PyTorch peers that build and take a first step here; the others go to `failures` with the reason."""
     rows, config = [], preset_config(mae_vitb)
-    for name in FLAGS.peers:
+    builders = {name: torch_peers.BUILDERS[name] for name in FLAGS.peers}
+    if FLAGS.fbmae_src:
+        builders["fbmae"] = lambda c: torch_peers.fbmae_mae(c, FLAGS.fbmae_src)
+        builders["fbmae_compile"] = lambda c: torch_peers.fbmae_mae(c, FLAGS.fbmae_src, compile_model=True)
+    for name, build in builders.items():
         try:
-            step = torch_peers.BUILDERS[name](config)
+            step = build(config)
             step()  # torch.compile compiles here, outside the timings.
         except Exception as e:  # A peer that does not run here (no compiler, no GPU kernel) is reported, not fatal.
             failures[name] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -1,10 +1,19 @@
 """PyTorch peers of the project's MAE step, built to the same model, batch, mask ratio and precision policy.
 
 Each builder returns `step()`: one full training step (forward, backward, AdamW update), synchronised. The
-timm-based facebookresearch/mae model and the official CL-MAE iteration need checkouts of those repositories
-and timm; ../shared/bench/gpu_peers.py runs them.
+timm-based facebookresearch/mae model is imported from a checkout the user points at (nothing of it is copied
+here) and needs timm; the official CL-MAE iteration is run by ../shared/bench/gpu_peers.py.
 """
+import importlib
+import sys
+
+import numpy as np
 import torch
+
+try:  # torchvision (transformers and timm import it) segfaults on import once TensorFlow is loaded: load it first.
+    import torchvision  # noqa: F401
+except ImportError:
+    pass
 
 from clmae_jax.models.vit import vit_size
 
@@ -48,6 +57,55 @@ def hf_mae(config, compile_model: bool = False):
     def step():
         with autocast(config.model.dtype):
             loss = forward(pixel_values=images).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        synchronize()
+
+    return step
+
+
+def import_fbmae(source: str):
+    """`models_mae` of a facebookresearch/mae checkout, run on today's libraries: timm >= 0.9 dropped the
+    `qk_scale` argument the official code passes as None, and numpy 1.24 the `np.float` alias its pos_embed uses."""
+    import timm.models.vision_transformer as vision_transformer
+    if "qk_scale" not in vision_transformer.Block.__init__.__code__.co_varnames:
+        base = vision_transformer.Block
+
+        class Block(base):
+            def __init__(self, *args, qk_scale=None, **kwargs):
+                del qk_scale
+                super().__init__(*args, **kwargs)
+        vision_transformer.Block = Block
+    if not hasattr(np, "float"):
+        np.float = float
+    sys.path.insert(0, source)
+    try:
+        return importlib.import_module("models_mae")
+    finally:
+        sys.path.remove(source)
+
+
+def fbmae_mae(config, source: str, compile_model: bool = False):
+    """facebookresearch/mae's `MaskedAutoencoderViT` (timm Blocks, SDPA attention) of config's size, from the
+    checkout at `source`, AdamW as the MAE recipe, in the JAX rows' precision policy."""
+    m, size = config.model, vit_size(config.model.size)
+    torch.manual_seed(0)
+    model = import_fbmae(source).MaskedAutoencoderViT(
+        img_size=config.input.image_size, patch_size=m.patch_size, in_chans=config.input.channels,
+        embed_dim=size["width"], depth=size["depth"], num_heads=size["num_heads"], decoder_embed_dim=m.decoder_width,
+        decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_heads, norm_pix_loss=config.mae.norm_pix_loss)
+    model = model.to(device()).train()
+    forward = torch.compile(model) if compile_model else model
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(opt.b1, opt.b2), weight_decay=opt.weight_decay,
+                                  fused=device() == "cuda")
+    images = torch.randn(config.batch_size, config.input.channels, config.input.image_size, config.input.image_size,
+                         device=device())
+
+    def step():
+        with autocast(config.model.dtype):
+            loss, _, _ = forward(images, mask_ratio=config.mae.mask_ratio)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
