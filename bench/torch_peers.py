@@ -34,6 +34,26 @@ def autocast(dtype: str):
     return torch.autocast(device(), dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
+def adamw_step(model, loss_fn, config):
+    """`step()`: `loss_fn(images)` on a fixed random batch in the JAX rows' precision policy, backward, and AdamW
+    with the MAE recipe's betas and weight decay."""
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(opt.b1, opt.b2), weight_decay=opt.weight_decay,
+                                  fused=device() == "cuda")
+    images = torch.randn(config.batch_size, config.input.channels, config.input.image_size, config.input.image_size,
+                         device=device())
+
+    def step():
+        with autocast(config.model.dtype):
+            loss = loss_fn(images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        synchronize()
+
+    return step
+
+
 def hf_mae(config, compile_model: bool = False):
     """Hugging Face `ViTMAEForPreTraining` (SDPA attention) of config's size, AdamW as the MAE recipe."""
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
@@ -48,21 +68,7 @@ def hf_mae(config, compile_model: bool = False):
     torch.manual_seed(0)
     model = ViTMAEForPreTraining(hf_config).to(device()).train()
     forward = torch.compile(model) if compile_model else model
-    opt = config.optimizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(opt.b1, opt.b2), weight_decay=opt.weight_decay,
-                                  fused=device() == "cuda")
-    images = torch.randn(config.batch_size, config.input.channels, config.input.image_size, config.input.image_size,
-                         device=device())
-
-    def step():
-        with autocast(config.model.dtype):
-            loss = forward(pixel_values=images).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        synchronize()
-
-    return step
+    return adamw_step(model, lambda images: forward(pixel_values=images).loss, config)
 
 
 def import_fbmae(source: str):
@@ -97,21 +103,7 @@ def fbmae_mae(config, source: str, compile_model: bool = False):
         decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_heads, norm_pix_loss=config.mae.norm_pix_loss)
     model = model.to(device()).train()
     forward = torch.compile(model) if compile_model else model
-    opt = config.optimizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(opt.b1, opt.b2), weight_decay=opt.weight_decay,
-                                  fused=device() == "cuda")
-    images = torch.randn(config.batch_size, config.input.channels, config.input.image_size, config.input.image_size,
-                         device=device())
-
-    def step():
-        with autocast(config.model.dtype):
-            loss, _, _ = forward(images, mask_ratio=config.mae.mask_ratio)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        synchronize()
-
-    return step
+    return adamw_step(model, lambda images: forward(images, mask_ratio=config.mae.mask_ratio)[0], config)
 
 
 def peak_memory_bytes() -> int | None:

@@ -176,7 +176,7 @@ def test_resize_positions_is_the_identity_at_the_same_grid_and_keeps_the_cls_row
     np.testing.assert_array_equal(resized[0], table[0])
 
 
-def classifier_config(init_from, image_size=IMAGE, pool="gap_norm", pos_embed="learned", num_classes=CLASSES):
+def classifier_config(init_from, image_size=IMAGE, pool="gap_norm", pos_embed="learned"):
     """The config fields init_from reads."""
     return ml_collections.ConfigDict(dict(
         input=dict(image_size=image_size, channels=3),
@@ -188,7 +188,7 @@ def fresh_variables(config, num_classes=CLASSES):
     model = ViTClassifier(num_classes, patch_size=PATCH, width=128, depth=4, num_heads=4, pool=config.model.pool,
                           pos_embed=config.model.pos_embed)
     side = config.input.image_size
-    return model, jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, side, side, 3)))
+    return jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, side, side, 3)))
 
 
 def test_init_from_a_classifier_file_takes_every_weight_and_resizes_the_position_table(tmp_path):
@@ -197,11 +197,11 @@ def test_init_from_a_classifier_file_takes_every_weight_and_resizes_the_position
     path = str(tmp_path / "ft.pth")
     ct.save_classifier_fbmae(params, geometry, path)
     config = classifier_config(path)
-    _, variables = fresh_variables(config)
+    variables = fresh_variables(config)
     assert_trees_equal(jax.tree.map(np.asarray, pretrained.with_pretrained_weights(variables, config, path)["params"]),
                        params)
     bigger = classifier_config(path, image_size=2 * IMAGE)
-    _, variables = fresh_variables(bigger, num_classes=3)
+    variables = fresh_variables(bigger, num_classes=3)
     started = pretrained.with_pretrained_weights(variables, bigger, path)["params"]
     assert started["pos_embed"]["table"].shape == (1 + 64, 128)
     np.testing.assert_array_equal(started["pos_embed"]["table"][0], params["pos_embed"]["table"][0])
