@@ -244,3 +244,60 @@ def test_cli_exports_a_clmae_run_bit_for_bit(tmp_path, run_main):
     assert geometry["channels"] == 1 and geometry["image_size"] == 28 and geometry["masker_depth"] > 0
     with pytest.raises(SystemExit, match="^error: Unknown --format='onnx'"):
         main([f"--from={workdir}", f"--to={tmp_path / 'x'}", "--format=onnx"])
+
+
+class TorchBlock(torch.nn.Module):
+    """A pre-norm ViT block as the spec describes MaskingNet's (timm 0.3.2 layout, explicit softmax, LN eps 1e-5)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads, self.norm1, self.norm2 = heads, torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.attn, self.mlp = torch.nn.Module(), torch.nn.Module()
+        self.attn.qkv, self.attn.proj = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+        self.mlp.fc1, self.mlp.fc2 = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        qkv = self.attn.qkv(self.norm1(x)).reshape(batch, length, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        weights = ((q @ k.transpose(-2, -1)) * (width // self.heads) ** -0.5).softmax(dim=-1)
+        x = x + self.attn.proj((weights @ v).transpose(1, 2).reshape(batch, length, width))
+        return x + self.mlp.fc2(torch.nn.functional.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class TorchMaskingNet(torch.nn.Module):
+    """The official CL-MAE masking module built from the spec's layout: own CLS (zero position buffer), blocks,
+    mlp_head = LayerNorm -> Linear(D, L) on the CLS output, sigmoid."""
+
+    def __init__(self, width, num_tokens, depth, heads):
+        super().__init__()
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer("pos_embed", torch.zeros(1, 1, width))
+        self.blocks = torch.nn.ModuleList([TorchBlock(width, heads) for _ in range(depth)])
+        self.mlp_head = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, num_tokens))
+
+    def forward(self, tokens):
+        x = torch.cat([(self.cls_token + self.pos_embed).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return torch.sigmoid(self.mlp_head(x[:, 0]))
+
+
+def test_official_masking_module_imports_with_the_same_keep_probabilities(tmp_path):
+    reference = TorchMaskingNet(32, NUM_PATCHES, depth=2, heads=4)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in reference.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    state_dict = mae_torch.to_fbmae_state_dict(random_params(CLMAE_GEOMETRY, masker=True), CLMAE_GEOMETRY)
+    state_dict.update({f"masking_net.{k}": v.numpy() for k, v in reference.state_dict().items()})
+    path = str(tmp_path / "clmae.pth")
+    torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}}, path)
+    geometry, params = load_pretrained(path, num_heads=2, decoder_heads=2)
+    tokens = torch.randn(BATCH, NUM_PATCHES, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        theirs = reference(tokens).numpy()
+    masker = CurriculumMasker(depth=geometry["masker_depth"], num_heads=geometry["masker_heads"])
+    ours = np.asarray(masker.apply({"params": params["masker"]}, jnp.asarray(tokens.numpy())))
+    assert np.max(np.abs(ours - theirs)) < ATOL
+    assert np.std(theirs) > 0.05  # Random weights give spread-out probabilities, not a saturated 0 / 1.
