@@ -28,6 +28,7 @@ from clmae_jax.models.vit import vit_size  # noqa: E402
 flags.DEFINE_string("config", "mae_fashion_mnist", "configs/<name>.py of the MAE whose encoder is evaluated.")
 flags.DEFINE_integer("batch", 0, "Training batch (0: the config's).")
 flags.DEFINE_integer("eval_batch", 500, "Feature-extraction batch (the eval configs use 500 on Fashion-MNIST).")
+flags.DEFINE_string("attention", "einsum", "config.model.attention (and config.encoder.attention): einsum or xla.")
 flags.DEFINE_integer("rounds", 5, "Alternating rounds.")
 flags.DEFINE_integer("steps", 3, "Steps (batches) per round and row.")
 flags.DEFINE_string("out", "bench/results/extract.json", "Where the JSON goes.")
@@ -37,7 +38,7 @@ FLAGS = flags.FLAGS
 def extraction_runner(config, params, mesh):
     """A timing runner of `Encoder.features` (both pools) at the evaluation batch, inputs sharded as in `bank`."""
     encoder = Encoder("bench", encoder_params(params), vit_size(config.model.size)["num_heads"],
-                      tuple(config.input.mean), tuple(config.input.std))
+                      tuple(config.input.mean), tuple(config.input.std), attention=FLAGS.attention)
     eval_config = config.copy_and_resolve_references()
     eval_config.batch_size = FLAGS.eval_batch
     batch = harness.random_batch(eval_config, mesh)["image"]
@@ -50,6 +51,7 @@ def main(argv):
     del argv
     config = importlib.import_module(f"configs.{FLAGS.config}").get_config()
     config.batch_size = FLAGS.batch or config.batch_size
+    config.model.attention = FLAGS.attention
     built = jax_steps.mae(config)
     experiment = built[0]
     state = experiment.create_train_state()
@@ -62,7 +64,7 @@ def main(argv):
     rates = {k: batches[k] / timings[k]["median_seconds"] for k in batches}
     ratio, flop_ratio = rates["extraction"] / rates["mae_step"], flops["mae_step"] / flops["extraction"]
     print(f"{harness.device_line()}; {FLAGS.config}, model {config.model.size}/{config.model.patch_size}, "
-          f"{config.input.image_size} px")
+          f"{config.input.image_size} px, {FLAGS.attention} attention")
     print("| program | batch | median s/batch | images/s | XLA MFLOP/image | GFLOP/s |\n|---|---|---|---|---|---|")
     for name in batches:
         print(f"| {name} | {batches[name]} | {timings[name]['median_seconds']:.4f} | {rates[name]:.0f} | "
@@ -70,7 +72,7 @@ def main(argv):
     print(f"extraction / MAE step images/s: {ratio:.2f}x (at equal FLOP/s the FLOPs allow {flop_ratio:.2f}x)")
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
-        json.dump({"config": FLAGS.config, "device": harness.device_line(), "timings": timings,
+        json.dump({"config": FLAGS.config, "attention": FLAGS.attention, "device": harness.device_line(), "timings": timings,
                    "images_per_sec": rates, "xla_flops_per_image": flops, "extraction_over_mae_step": ratio,
                    "flop_ratio": flop_ratio}, f, indent=2)
 
