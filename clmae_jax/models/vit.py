@@ -59,7 +59,8 @@ def resize_positions(table, grid: int) -> np.ndarray:
     old = int(round((table.shape[0] - 1) ** 0.5))
     if old == grid:
         return table
-    patches = jax.image.resize(table[1:].reshape(old, old, -1), (grid, grid, table.shape[1]), "cubic", antialias=False)
+    patches = jax.image.resize(table[1:].reshape(old, old, -1), (grid, grid, table.shape[1]), "cubic",
+                               antialias=False)
     return np.concatenate([table[:1], np.asarray(patches).reshape(grid * grid, -1)])
 
 
@@ -206,7 +207,7 @@ POSITION_EMBEDDINGS = ("sincos", "learned")
 
 
 class LearnedPositions(nn.Module):
-    """A learnable [1, 1 + L, D] position table added after the CLS token, started at the fixed sin-cos table with
+    """A learnable [1 + L, D] position table added after the CLS token, started at the fixed sin-cos table with
     a zero CLS row: MAE fine-tuning (timm's `pos_embed` parameter, loaded from the pretraining checkpoint)."""
 
     grid: int
