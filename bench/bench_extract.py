@@ -72,7 +72,8 @@ def main(argv):
     print(f"extraction / MAE step images/s: {ratio:.2f}x (at equal FLOP/s the FLOPs allow {flop_ratio:.2f}x)")
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
-        json.dump({"config": FLAGS.config, "attention": FLAGS.attention, "device": harness.device_line(), "timings": timings,
+        json.dump({"config": FLAGS.config, "attention": FLAGS.attention, "device": harness.device_line(),
+                   "timings": timings,
                    "images_per_sec": rates, "xla_flops_per_image": flops, "extraction_over_mae_step": ratio,
                    "flop_ratio": flop_ratio}, f, indent=2)
 

@@ -129,7 +129,8 @@ def hf_classifier_config(geometry: dict) -> dict:
             "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
             "initializer_range": 0.02, "layer_norm_eps": mae_torch.LAYER_NORM_EPS, "qkv_bias": True,
             "image_size": geometry["image_size"], "patch_size": geometry["patch_size"],
-            "num_channels": geometry["channels"], "id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
+            "num_channels": geometry["channels"], "id2label": labels,
+            "label2id": {v: int(k) for k, v in labels.items()}}
 
 
 def load_torch_weights(path: str, num_heads=None, decoder_heads=None) -> tuple:
