@@ -73,9 +73,8 @@ def main(argv):
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump({"config": FLAGS.config, "attention": FLAGS.attention, "device": harness.device_line(),
-                   "timings": timings,
-                   "images_per_sec": rates, "xla_flops_per_image": flops, "extraction_over_mae_step": ratio,
-                   "flop_ratio": flop_ratio}, f, indent=2)
+                   "timings": timings, "images_per_sec": rates, "xla_flops_per_image": flops,
+                   "extraction_over_mae_step": ratio, "flop_ratio": flop_ratio}, f, indent=2)
 
 
 if __name__ == "__main__":
