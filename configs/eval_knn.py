@@ -43,8 +43,10 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
     # checkpoint: an MAE / CL-MAE workdir or WORKDIR/checkpoints/<step>, a PyTorch / HF file, or "raw_pixels".
     # step: -1 = newest. size / patch_size: when set, the weights must match (fails before extraction).
     # mean / std: () = the normalisation the encoder was pretrained with. dtype: compute dtype of extraction.
+    # attention: "xla" (jax.nn.dot_product_attention) extracts 15% faster than the "einsum" reference on CPU
+    # (bench/bench_extract.py), same features within 1e-5; "cudnn" for bf16 extraction on NVIDIA GPUs.
     config.encoder = ml_collections.ConfigDict(dict(checkpoint="", step=-1, size="", patch_size=0, mean=(), std=(),
-                                                    dtype="float32", attention="einsum"))
+                                                    dtype="float32", attention="xla"))
     config.input = eval_input(dataset)
     config.model = ml_collections.ConfigDict()  # The encoder's geometry comes from its checkpoint.
     config.batch_size = 1024 if dataset == "imagenet2012" else 500  # Global feature-extraction batch.
