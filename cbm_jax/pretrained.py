@@ -1,10 +1,8 @@
 """Starting a ViT classifier from pretrained weights (config.model.init_from): an MAE / CL-MAE encoder from one
 of our runs or a PyTorch file, or a whole PyTorch / Hugging Face ViT classifier."""
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
+from clmae_jax import warm_start
 from clmae_jax.evaluate import load
 from clmae_jax.evaluate.encoder import Geometry, check_geometry, config_geometry
 from clmae_jax.models.vit import resize_positions
@@ -29,13 +27,8 @@ def model_description(config) -> str:
 
 
 def with_leaves(variables: dict, pretrained: dict, source: str) -> dict:
-    """`variables` whose top-level params named in `pretrained` are replaced, every shape checked."""
-    params = dict(variables["params"])
-    for key, value in pretrained.items():
-        if jax.tree.map(np.shape, value) != jax.tree.map(jnp.shape, params[key]):
-            raise UserError(f"params/{key} of {source} does not fit config.model; fine-tune with the model config "
-                            "the weights were trained with.")
-        params[key] = jax.tree.map(jnp.asarray, value)
+    """`variables` whose top-level params named in `pretrained` are replaced, every leaf's shape checked."""
+    params, _ = warm_start.replaced(variables["params"], pretrained, "params", source)
     logging.info("Initialised %s from the %s", ", ".join(sorted(pretrained)), source)
     return {**variables, "params": params}
 

@@ -9,9 +9,6 @@ Two PyTorch layouts, both mapped through the fb/mae names of `mae_torch`:
 A file whose position table is the fixed sin-cos one imports as `pos_embed="sincos"`, any other as "learned" (our
 own exports say which in their metadata: a learned table that has not moved yet stays learned).
 """
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,9 +39,14 @@ def classifier_layout(geometry: dict) -> dict:
     return layout
 
 
+def sincos_table(geometry: dict) -> np.ndarray:
+    """The fixed [1, 1 + L, D] position table our ViT computes for `geometry` (zero CLS row)."""
+    return mae_torch.fixed_buffer_tables({**geometry, "decoder_depth": 0, "masker_depth": 0})["pos_embed"]
+
+
 def position_kind(state_dict: dict, geometry: dict) -> str:
     """'sincos' when the file's position table is the fixed one our ViT computes, else 'learned'."""
-    table = mae_torch.fixed_buffer_tables({**geometry, "decoder_depth": 0, "masker_depth": 0})["pos_embed"]
+    table = sincos_table(geometry)
     found = np.asarray(state_dict["pos_embed"], np.float32)
     return "sincos" if found.shape == table.shape and np.allclose(found, table, atol=1e-5) else "learned"
 
@@ -79,24 +81,11 @@ def from_classifier_state_dict(state_dict: dict, what: str = "state dict", hints
     """(geometry, our ViTClassifier params) from an fb/mae / timm classifier state dict of numpy arrays."""
     geometry = classifier_geometry(state_dict, what, hints or {})
     layout = classifier_layout(geometry)
-    known = set(layout) | {"pos_embed"}
-    unknown = [k for k in state_dict if k not in known]
-    if unknown:
-        raise UserError(f"{what}: unknown key {unknown[0]!r} ({len(unknown)} unknown in all) for a ViT classifier "
-                        f"with {geometry['pool']!r} pooling (distillation tokens, layer scale, registers and "
-                        "relative positions have no place in our ViT).")
-    missing = [k for k in layout if k not in state_dict]
-    if missing:
-        raise UserError(f"{what}: missing key {missing[0]!r} ({len(missing)} missing in all).")
-    shapes, params = classifier_shapes(geometry), {}
-    for key, (path, kind) in layout.items():
-        value = mae_torch.from_torch_layout(state_dict[key], kind)
-        if shapes[path] != value.shape:
-            raise UserError(f"{what}: {key!r} has shape {tuple(np.shape(state_dict[key]))}, which does not fit a "
-                            f"ViT of width {geometry['width']}, patch {geometry['patch_size']} and MLP ratio "
-                            f"{geometry['mlp_ratio']:g}.")
-        mae_torch.set_leaf(params, path, value)
-    return geometry, params
+    mae_torch.check_keys(state_dict, layout, what, allowed=("pos_embed",),
+                         hint=f" for a ViT classifier with {geometry['pool']!r} pooling (distillation tokens, layer "
+                              "scale, registers and relative positions have no place in our ViT).")
+    return geometry, mae_torch.params_from_layout(state_dict, layout, classifier_shapes(geometry), geometry, what,
+                                                  "a ViT")
 
 
 def to_classifier_state_dict(params, geometry: dict) -> dict:
@@ -104,19 +93,15 @@ def to_classifier_state_dict(params, geometry: dict) -> dict:
     state_dict = {key: mae_torch.to_torch_layout(mae_torch.get_leaf(params, path), kind)
                   for key, (path, kind) in classifier_layout(geometry).items()}
     if geometry["pos_embed"] == "sincos":
-        state_dict["pos_embed"] = mae_torch.fixed_buffer_tables(
-            {**geometry, "decoder_depth": 0, "masker_depth": 0})["pos_embed"]
+        state_dict["pos_embed"] = sincos_table(geometry)
     return state_dict
 
 
 def classifier_params_geometry(params, *, image_size: int, num_heads: int, pool: str, mean, std) -> dict:
-    """Geometry of one of our ViTClassifier trees: sizes from its shapes, the rest from the arguments."""
-    kernel = np.shape(params["patch_embed"]["proj"]["kernel"])
-    hidden = np.shape(params["encoder"]["block0"]["mlp"]["fc1"]["kernel"])[1]
-    return dict(width=kernel[3], depth=sum(1 for n in params["encoder"] if n.startswith("block")),
-                num_heads=num_heads, mlp_ratio=hidden / kernel[3], patch_size=kernel[0], channels=kernel[2],
-                image_size=image_size, num_classes=int(np.shape(params["head"]["kernel"])[1]), pool=pool,
-                pos_embed="learned" if "pos_embed" in params else "sincos", mean=tuple(mean), std=tuple(std))
+    """Geometry of one of our ViTClassifier trees: the encoder's (as `params_geometry`), classes, pooling, table."""
+    geometry = mae_torch.params_geometry(params, image_size=image_size, num_heads=num_heads, mean=mean, std=std)
+    return {**geometry, "num_classes": int(np.shape(params["head"]["kernel"])[1]), "pool": pool,
+            "pos_embed": "learned" if "pos_embed" in params else "sincos"}
 
 
 def hf_classifier_config(geometry: dict) -> dict:
@@ -144,10 +129,7 @@ def load_torch_weights(path: str, num_heads=None, decoder_heads=None) -> tuple:
 
 def save_classifier_fbmae(params, geometry: dict, path: str):
     """Writes our classifier as an fb/mae / timm .pth: {"model": state dict, "clmae_jax": geometry}."""
-    import torch
-    state_dict = {k: torch.from_numpy(v) for k, v in to_classifier_state_dict(params, geometry).items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"model": state_dict, mae_torch.METADATA_KEY: dict(geometry)}, path)
+    mae_torch.write_pth(to_classifier_state_dict(params, geometry), geometry, path)
 
 
 def save_classifier_hf(params, geometry: dict, folder: str):
@@ -156,10 +138,4 @@ def save_classifier_hf(params, geometry: dict, folder: str):
         raise UserError(f"Hugging Face ViTForImageClassification pools the CLS token; this classifier pools "
                         f"{geometry['pool']!r}: export it to the fb/mae / timm .pth layout instead.")
     state_dict = mae_torch.fbmae_to_hf(to_classifier_state_dict(params, geometry))
-    os.makedirs(folder, exist_ok=True)
-    for name, content in (("config.json", hf_classifier_config(geometry)),
-                          ("preprocessor_config.json", mae_torch.preprocessor_config(geometry))):
-        with open(os.path.join(folder, name), "w") as f:
-            json.dump(content, f, indent=2)
-    from safetensors.numpy import save_file
-    save_file(state_dict, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    mae_torch.write_hf_folder(state_dict, hf_classifier_config(geometry), geometry, folder)

@@ -232,12 +232,15 @@ def check_fixed_buffers(state_dict: dict, geometry: dict, what: str):
                             "interpolated position embeddings cannot be imported).")
 
 
-def check_keys(state_dict: dict, layout: dict, what: str):
-    """One-line UserError naming the first unknown, then the first missing key."""
-    unknown = [k for k in state_dict if k not in layout and k not in FIXED_BUFFERS]
+MAE_ONLY = "; only MAE / CL-MAE pretraining weights (encoder, decoder, masking_net) can be imported."
+
+
+def check_keys(state_dict: dict, layout: dict, what: str, allowed=FIXED_BUFFERS, hint: str = MAE_ONLY):
+    """One-line UserError naming the first unknown key (neither in `layout` nor `allowed`; `hint` says what can be
+    imported), then the first missing one."""
+    unknown = [k for k in state_dict if k not in layout and k not in allowed]
     if unknown:
-        raise UserError(f"{what}: unknown key {unknown[0]!r} ({len(unknown)} unknown in all); only MAE / CL-MAE "
-                        "pretraining weights (encoder, decoder, masking_net) can be imported.")
+        raise UserError(f"{what}: unknown key {unknown[0]!r} ({len(unknown)} unknown in all){hint}")
     missing = [k for k in layout if k not in state_dict]
     if missing:
         raise UserError(f"{what}: missing key {missing[0]!r} ({len(missing)} missing in all).")
@@ -267,15 +270,21 @@ def from_fbmae_state_dict(state_dict: dict, what: str = "state dict", hints: dic
     check_fixed_buffers(state_dict, geometry, what)
     num_patches = layout_num_patches(state_dict, geometry)
     shapes = expected_shapes(geometry, num_patches)
+    return geometry, params_from_layout(state_dict, layout, shapes, geometry, what, "an MAE")
+
+
+def params_from_layout(state_dict: dict, layout: dict, shapes: dict, geometry: dict, what: str, model: str) -> dict:
+    """Our parameter tree from the `layout` entries of `state_dict`, every leaf checked against `shapes`; a misfit
+    is one line naming the key and `model` ("an MAE", "a ViT") at the geometry's sizes."""
     params = {}
     for key, (path, kind) in layout.items():
         value = from_torch_layout(state_dict[key], kind)
         if shapes.get(path) != value.shape:
-            raise UserError(f"{what}: {key!r} has shape {tuple(np.shape(state_dict[key]))}, which does not fit an "
-                            f"MAE of width {geometry['width']}, patch {geometry['patch_size']} and MLP ratio "
+            raise UserError(f"{what}: {key!r} has shape {tuple(np.shape(state_dict[key]))}, which does not fit "
+                            f"{model} of width {geometry['width']}, patch {geometry['patch_size']} and MLP ratio "
                             f"{geometry['mlp_ratio']:g}.")
         set_leaf(params, path, value)
-    return geometry, params
+    return params
 
 
 def get_leaf(tree, path: tuple):
@@ -506,24 +515,17 @@ def load_pretrained(path: str, num_heads=None, decoder_heads=None) -> tuple:
     return from_fbmae_state_dict(state_dict, path, {**hints, **{k: v for k, v in given.items() if v}})
 
 
-def save_fbmae(params, geometry: dict, path: str):
-    """Writes `params` as an fb/mae (CL-MAE when it has a masker) .pth: {"model": state dict, "clmae_jax": geometry}."""
+def write_pth(state_dict: dict, geometry: dict, path: str):
+    """Writes a numpy state dict as fb/mae saves it, {"model": state dict}, with our geometry under "clmae_jax"."""
     import torch
-    state_dict = {k: torch.from_numpy(v) for k, v in to_fbmae_state_dict(params, geometry).items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"model": state_dict, METADATA_KEY: dict(geometry)}, path)
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in state_dict.items()}, METADATA_KEY: dict(geometry)}, path)
 
 
-def save_hf(params, geometry: dict, folder: str):
-    """Writes a folder ViTMAEForPreTraining.from_pretrained loads (the masking module has no place there: left out)."""
-    if not geometry.get("decoder_depth") or geometry.get("decoder_heads") is None:
-        raise UserError("A Hugging Face ViTMAEForPreTraining needs the decoder and its number of heads; export an "
-                        "encoder alone with save_fbmae.")
-    mae_geometry = {**geometry, "masker_depth": 0, "masker_heads": None}
-    state_dict = fbmae_to_hf(to_fbmae_state_dict(params.get("mae", params), mae_geometry))
+def write_hf_folder(state_dict: dict, config: dict, geometry: dict, folder: str):
+    """Writes a Hugging Face folder: config.json, preprocessor_config.json (the normalisation) and the weights."""
     os.makedirs(folder, exist_ok=True)
-    for name, content in (("config.json", hf_config(geometry)), ("preprocessor_config.json",
-                                                                 preprocessor_config(geometry))):
+    for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor_config(geometry))):
         with open(os.path.join(folder, name), "w") as f:
             json.dump(content, f, indent=2)
     try:
@@ -534,3 +536,18 @@ def save_hf(params, geometry: dict, folder: str):
         return
     # transformers refuses safetensors files whose metadata does not name their framework.
     save_file(state_dict, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_fbmae(params, geometry: dict, path: str):
+    """Writes `params` as an fb/mae (CL-MAE when it has a masker) .pth: {"model": state dict, "clmae_jax": geometry}."""
+    write_pth(to_fbmae_state_dict(params, geometry), geometry, path)
+
+
+def save_hf(params, geometry: dict, folder: str):
+    """Writes a folder ViTMAEForPreTraining.from_pretrained loads (the masking module has no place there: left out)."""
+    if not geometry.get("decoder_depth") or geometry.get("decoder_heads") is None:
+        raise UserError("A Hugging Face ViTMAEForPreTraining needs the decoder and its number of heads; export an "
+                        "encoder alone with save_fbmae.")
+    mae_geometry = {**geometry, "masker_depth": 0, "masker_heads": None}
+    state_dict = fbmae_to_hf(to_fbmae_state_dict(params.get("mae", params), mae_geometry))
+    write_hf_folder(state_dict, hf_config(geometry), geometry, folder)
