@@ -1,42 +1,42 @@
-"""The project's MAE step and CL-MAE iteration against PyTorch peers, side by side in one process.
+"""The project's MAE step and CL-MAE iteration against PyTorch peers, side by side in one run.
 
     python bench/bench_vs_torch.py --preset=cpu            # ViT-B/16, batch 8, float32 (CPU target: >= 1.3x HF)
     python bench/bench_vs_torch.py --preset=gpu            # ViT-B/16, batch 256, bf16 compute (GPU targets)
     python bench/bench_vs_torch.py --preset=gpu --smoke    # the GPU configuration at a tiny size, runs on CPU
-    --fbmae_src=PATH adds facebookresearch/mae's own model (timm Blocks; eager and torch.compile) from a checkout
+    --fbmae_src=PATH        adds facebookresearch/mae's own model (timm Blocks; eager and torch.compile)
+    --official_clmae=PATH   adds the official CL-MAE iteration of a ristea/cl-mae checkout, as is and with its
+                            diversity loss's Python double loop vectorised
 
-Same model (the peer is built to the config's sizes), batch, mask ratio and precision policy (fp32, or bf16
-compute with fp32 parameters: torch autocast), full step (forward, backward, AdamW). Every row is warmed up, then
-all rows run in turn for --rounds rounds and the median is kept. Per row: images/s, the ratio to each peer, model
-FLOPs per image (analytic and XLA's cost analysis), achieved FLOP/s as a fraction of a matmul peak measured in the
-same run (and of the vendor bf16 peak on known GPUs), peak memory per device, compile time. JSON goes to --out.
+Same model (each peer is built to the config's sizes), batch, mask ratio and precision policy (fp32, or bf16
+compute with fp32 parameters: torch autocast), full step (forward, backward, AdamW). The JAX rows and the PyTorch
+rows live in two worker processes that never run at once (each framework's idle threads would slow the other), so
+every row is timed in the same run: all rows are warmed up, then run in turn for --rounds rounds, and the median is
+kept. Per row: images/s, the ratio to each peer, model FLOPs per image (analytic, and XLA's cost analysis), achieved
+FLOP/s as a fraction of a matmul peak measured in the same run (and of the vendor bf16 peak on known GPUs), peak
+memory per device, compile time. JSON goes to --out.
 """
-import dataclasses
 import json
 import os
+import statistics
 import sys
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # Leave GPU memory for the torch peers.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # Leave GPU memory for the torch worker.
 
 from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from bench import torch_peers  # noqa: E402, I100 (before TensorFlow: see torch_peers)
-from bench import flops, harness, jax_steps  # noqa: E402
-from configs import clmae_vitb, mae_vitb  # noqa: E402
+from bench import harness  # noqa: E402
 
 flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"], "cpu: batch 8, float32; gpu: batch 256, bfloat16 compute.")
 flags.DEFINE_bool("smoke", False, "Shrink the preset to a tiny ViT at 64 px, batch 8 (checks the harness on CPU).")
 flags.DEFINE_list("attentions", [], "JAX attention implementations to time (default: einsum,xla on CPU, "
                   "cudnn,xla on GPU).")
-flags.DEFINE_list("peers", ["hf", "hf_compile"], f"PyTorch peers among {sorted(torch_peers.BUILDERS)}.")
-flags.DEFINE_string("fbmae_src", "", "A checkout of github.com/facebookresearch/mae: adds its MaskedAutoencoderViT "
-                    "(eager and torch.compile) as peers 'fbmae', 'fbmae_compile'.")
-flags.DEFINE_integer("rounds", 3, "Alternating rounds after one warm-up round.")
+flags.DEFINE_list("peers", [], "PyTorch peers to time (default: every one whose checkout is given): hf, hf_compile, "
+                  "fbmae, fbmae_compile, official_clmae, official_clmae_vec.")
+flags.DEFINE_string("fbmae_src", "", "A checkout of github.com/facebookresearch/mae.")
+flags.DEFINE_string("official_clmae", "", "A checkout of github.com/ristea/cl-mae.")
+flags.DEFINE_integer("rounds", 5, "Alternating rounds after one warm-up round.")
 flags.DEFINE_integer("steps", 2, "Steps per round and row.")
 flags.DEFINE_string("out", "", "JSON path (default bench/results/vs_torch_PRESET[_smoke].json).")
 FLAGS = flags.FLAGS
@@ -45,23 +45,14 @@ FLAGS = flags.FLAGS
 VENDOR_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-@dataclasses.dataclass
-class Row:
-    """One timed program: a JAX experiment step or a PyTorch peer."""
-
-    name: str
-    runner: object
-    flops_per_image: float = 0.0
-    stats: dict = dataclasses.field(default_factory=dict)
-
-
-def preset_config(module):
+def preset_config(module, settings: dict):
     """`module`'s ImageNet config at the preset's size, batch and precision."""
     config = module.get_config()
-    config.batch_size = 256 if FLAGS.preset == "gpu" else 8
-    config.model.dtype = "bfloat16" if FLAGS.preset == "gpu" else "float32"
+    gpu = settings["preset"] == "gpu"
+    config.batch_size = 256 if gpu else 8
+    config.model.dtype = "bfloat16" if gpu else "float32"
     config.optimizer.schedule, config.optimizer.lr = "constant", 1e-4
-    if FLAGS.smoke:
+    if settings["smoke"]:
         config.batch_size, config.input.image_size, config.model.size = 8, 64, "mini"
         config.model.update(decoder_width=64, decoder_depth=2, decoder_heads=4)
     if "clmae" in config:
@@ -69,79 +60,95 @@ def preset_config(module):
     return config
 
 
-def attentions() -> list:
-    """The attention implementations to time: cuDNN's fused kernel exists on GPU only."""
-    if FLAGS.attentions:
-        return FLAGS.attentions
-    return ["cudnn", "xla"] if jax.default_backend() == "gpu" else ["einsum", "xla"]
+def jax_rows(settings: dict):
+    """(runners, info) of the JAX worker: the MAE step per attention implementation, the CL-MAE iteration with
+    the first one, and the matmul peak of this device."""
+    import jax
+    import jax.numpy as jnp
 
+    from bench import flops, jax_steps
+    from configs import clmae_vitb, mae_vitb
 
-def jax_rows(steps: int) -> list:
-    """The MAE step per attention implementation, and the CL-MAE iteration with the first one."""
-    rows = []
-    for attention in attentions():
-        config = preset_config(mae_vitb)
+    attentions = settings["attentions"] or (["cudnn", "xla"] if jax.default_backend() == "gpu" else ["einsum", "xla"])
+    runners, rows = {}, {}
+
+    def add(name, config, built, analytic_flops, compares_to):
+        runners[name] = jax_steps.runner(built, settings["steps"])
+        rows[name] = {**built[2], "analytic_flops_per_image": analytic_flops, "compares_to": compares_to,
+                      "xla_flops_per_image": built[2]["xla_flops"] * jax.device_count() / config.batch_size}
+
+    for attention in attentions:
+        config = preset_config(mae_vitb, settings)
         config.model.attention = attention
-        built = jax_steps.mae(config)
-        rows.append(Row(f"jax_mae_{attention}", jax_steps.runner(built, steps), flops.mae_flops(config),
-                        {**built[2], "xla_flops_per_image": built[2]["xla_flops"] * jax.device_count()
-                         / config.batch_size}))
-    config = preset_config(clmae_vitb)
-    config.model.attention = attentions()[0]
-    built = jax_steps.clmae(config)
-    rows.append(Row(f"jax_clmae_{attentions()[0]}", jax_steps.runner(built, steps), flops.clmae_flops(config),
-                    {**built[2], "xla_flops_per_image": built[2]["xla_flops"] * jax.device_count() / config.batch_size}))
-    return rows
+        add(f"jax_mae_{attention}", config, jax_steps.mae(config), flops.mae_flops(config), "mae")
+    config = preset_config(clmae_vitb, settings)
+    config.model.attention = attentions[0]
+    add(f"jax_clmae_{attentions[0]}", config, jax_steps.clmae(config), flops.clmae_flops(config), "clmae")
+    vendor = next((v for k, v in VENDOR_BF16_PEAK.items() if k in jax.devices()[0].device_kind), None)
+    return runners, {"rows": rows, "device": harness.device_line(), "vendor_peak_flops": vendor,
+                     "matmul_peak_flops": harness.matmul_peak(jnp.dtype(preset_config(mae_vitb, settings).model.dtype))}
 
 
-def peer_rows(steps: int, failures: dict) -> list:
-    """The PyTorch peers that build and take a first step here; the others go to `failures` with the reason."""
-    rows, config = [], preset_config(mae_vitb)
-    builders = {name: torch_peers.BUILDERS[name] for name in FLAGS.peers}
-    if FLAGS.fbmae_src:
-        builders["fbmae"] = lambda c: torch_peers.fbmae_mae(c, FLAGS.fbmae_src)
-        builders["fbmae_compile"] = lambda c: torch_peers.fbmae_mae(c, FLAGS.fbmae_src, compile_model=True)
-    for name, build in builders.items():
+def torch_rows(settings: dict):
+    """(runners, info) of the PyTorch worker: every peer that builds and takes a first step here; the others are
+    reported with the reason."""
+    from bench import flops, torch_peers  # torch_peers first: torchvision before anything imports TensorFlow.
+    from configs import clmae_vitb, mae_vitb
+
+    runners, rows, failures = {}, {}, {}
+    for name in settings["peers"]:
+        kind = "clmae" if name in torch_peers.CLMAE_PEERS else "mae"
+        config = preset_config(clmae_vitb if kind == "clmae" else mae_vitb, settings)
         try:
-            step = build(config)
+            step = {**torch_peers.MAE_PEERS, **torch_peers.CLMAE_PEERS}[name](config, settings["sources"])
             step()  # torch.compile compiles here, outside the timings.
         except Exception as e:  # A peer that does not run here (no compiler, no GPU kernel) is reported, not fatal.
             failures[name] = f"{type(e).__name__}: {str(e)[:300]}"
             continue
-        rows.append(Row(name, harness.timed(step, steps), flops.mae_flops(config),
-                        {"peak_bytes_per_device": torch_peers.peak_memory_bytes()}))
-    return rows
+        runners[name] = harness.timed(step, settings["steps"])
+        rows[name] = {"analytic_flops_per_image": (flops.clmae_flops if kind == "clmae" else flops.mae_flops)(config),
+                      "peak_bytes_per_device": torch_peers.peak_memory_bytes(), "compares_to": kind}
+    return runners, {"rows": rows, "failures": failures}
 
 
-def summarise(rows: list, timings: dict, batch: int, peak: float) -> dict:
-    """Per-row images/s, achieved FLOP/s and fractions of peak, and every JAX row's speed ratio to every peer."""
-    vendor = next((v for k, v in VENDOR_BF16_PEAK.items() if k in jax.devices()[0].device_kind), None)
+def default_peers(sources: dict) -> list:
+    """Both Hugging Face rows, and the peers of every checkout given."""
+    peers = ["hf", "hf_compile"]
+    if sources["fbmae"]:
+        peers += ["fbmae", "fbmae_compile"]
+    if sources["official_clmae"]:
+        peers += ["official_clmae", "official_clmae_vec"]
+    return peers
+
+
+def summarise(rows: dict, timings: dict, batch: int, peak: float, vendor: float | None) -> dict:
+    """Per-row images/s, achieved FLOP/s and fractions of peak, and every JAX row's speed ratio to every peer of
+    its kind (MAE step or CL-MAE iteration)."""
     result = {}
-    for row in rows:
-        seconds = timings[row.name]["median_seconds"]
-        achieved = row.flops_per_image * batch / seconds
-        result[row.name] = {**row.stats, **timings[row.name], "images_per_sec": batch / seconds,
-                            "analytic_flops_per_image": row.flops_per_image, "achieved_flops": achieved,
-                            "fraction_of_measured_peak": achieved / peak,
-                            "fraction_of_vendor_peak": achieved / vendor if vendor else None}
-    peers = [r.name for r in rows if not r.name.startswith("jax_")]
+    for name, row in rows.items():
+        seconds = timings[name]["median_seconds"]
+        achieved = row["analytic_flops_per_image"] * batch / seconds
+        result[name] = {**row, **timings[name], "images_per_sec": batch / seconds, "achieved_flops": achieved,
+                        "fraction_of_measured_peak": achieved / peak,
+                        "fraction_of_vendor_peak": achieved / vendor if vendor else None}
     for name, r in result.items():
-        if name.startswith("jax_mae"):
-            r["speedup_over"] = {p: result[p]["median_seconds"] / r["median_seconds"] for p in peers}
+        if name.startswith("jax_"):
+            r["speedup_over"] = {p: result[p]["median_seconds"] / r["median_seconds"] for p in result
+                                 if not p.startswith("jax_") and result[p]["compares_to"] == r["compares_to"]}
     return result
 
 
-def print_table(result: dict, config, peak: float, failures: dict):
+def print_table(result: dict, config, info: dict, failures: dict):
     """The README table."""
-    print(f"\n{harness.device_line()}; preset {FLAGS.preset}{' (smoke)' if FLAGS.smoke else ''}: ViT-{config.model.size}"
+    print(f"\n{info['device']}; preset {FLAGS.preset}{' (smoke)' if FLAGS.smoke else ''}: ViT-{config.model.size}"
           f"/{config.model.patch_size}, {config.input.image_size} px, batch {config.batch_size}, {config.model.dtype}"
-          f" compute; matmul peak {peak / 1e12:.3f} TFLOP/s; median of {FLAGS.rounds} alternating rounds of "
-          f"{FLAGS.steps} steps")
+          f" compute; matmul peak {info['matmul_peak_flops'] / 1e12:.3f} TFLOP/s; median of {FLAGS.rounds} "
+          f"alternating rounds of {FLAGS.steps} steps")
     peers = [n for n in result if not n.startswith("jax_")]
     header = ("row", "img/s", *[f"x {p}" for p in peers], "GFLOP/img", "% matmul peak", "peak MiB/dev", "compile s")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name, r in result.items():
-        ratios = [f"{r['speedup_over'][p]:.2f}x" if "speedup_over" in r else "" for p in peers]
+        ratios = [f"{r['speedup_over'][p]:.2f}x" if p in r.get("speedup_over", {}) else "" for p in peers]
         memory = r.get("peak_bytes_per_device")
         print(f"| {name} | {r['images_per_sec']:.2f} | " + " | ".join(ratios) + (" | " if ratios else "")
               + f"{r['analytic_flops_per_image'] / 1e9:.3g} | {100 * r['fraction_of_measured_peak']:.0f}% | "
@@ -151,27 +158,38 @@ def print_table(result: dict, config, peak: float, failures: dict):
 
 
 def main(argv):
-    """Builds every row, warms it up, times all rows in alternating rounds, prints and saves the table."""
+    """Starts both workers, warms every row up, times all rows in alternating rounds, prints and saves the table."""
     del argv
-    config = preset_config(mae_vitb)
-    peak = harness.matmul_peak(jnp.dtype(config.model.dtype))
-    failures = {}
-    rows = jax_rows(FLAGS.steps) + peer_rows(FLAGS.steps, failures)
-    runners = {row.name: row.runner for row in rows}
+    sources = {"fbmae": FLAGS.fbmae_src, "official_clmae": FLAGS.official_clmae}
+    settings = {"preset": FLAGS.preset, "smoke": FLAGS.smoke, "attentions": FLAGS.attentions, "steps": FLAGS.steps,
+                "peers": FLAGS.peers or default_peers(sources), "sources": sources}
+    jax_worker = harness.RowWorker(jax_rows, settings)
+    torch_worker = harness.RowWorker(torch_rows, settings)
+    info, failures = jax_worker.info, torch_worker.info["failures"]
+    rows = {**info["rows"], **torch_worker.info["rows"]}
+    runners = {name: (jax_worker if name in info["rows"] else torch_worker).runner(name) for name in rows}
     harness.alternate(runners, 1)  # Warm-up round: first executions, allocator growth.
-    result = summarise(rows, harness.alternate(runners, FLAGS.rounds), config.batch_size, peak)
-    mae_row, clmae_row = f"jax_mae_{attentions()[0]}", f"jax_clmae_{attentions()[0]}"
+    timings = harness.alternate(runners, FLAGS.rounds)
+    jax_worker.close()
+    torch_worker.close()
+    from configs import mae_vitb
+    config = preset_config(mae_vitb, settings)
+    result = summarise(rows, timings, config.batch_size, info["matmul_peak_flops"], info["vendor_peak_flops"])
+    print_table(result, config, info, failures)
+    mae_row, clmae_row = (next(n for n in result if n.startswith(f"jax_{kind}_")) for kind in ("mae", "clmae"))
     time_ratio = result[clmae_row]["median_seconds"] / result[mae_row]["median_seconds"]
     flop_ratio = result[clmae_row]["analytic_flops_per_image"] / result[mae_row]["analytic_flops_per_image"]
-    print_table(result, config, peak, failures)
     print(f"CL-MAE iteration / MAE step: {time_ratio:.2f}x the time for {flop_ratio:.2f}x the FLOPs "
           f"({time_ratio / flop_ratio:.2f} of the FLOP ratio; target <= 1.1)")
+    spread = {n: max(r["all_seconds"]) / min(r["all_seconds"]) for n, r in result.items()}
+    print("spread of the rounds (slowest / fastest): " + ", ".join(f"{n} {s:.2f}" for n, s in spread.items()))
     out = FLAGS.out or f"bench/results/vs_torch_{FLAGS.preset}{'_smoke' if FLAGS.smoke else ''}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"device": harness.device_line(), "preset": FLAGS.preset, "smoke": FLAGS.smoke,
-                   "matmul_peak_flops": peak, "rows": result, "not_run": failures,
-                   "clmae_over_mae_time": time_ratio, "clmae_over_mae_flops": flop_ratio}, f, indent=2)
+        json.dump({"device": info["device"], "preset": FLAGS.preset, "smoke": FLAGS.smoke,
+                   "matmul_peak_flops": info["matmul_peak_flops"], "rows": result, "not_run": failures,
+                   "clmae_over_mae_time": time_ratio, "clmae_over_mae_flops": flop_ratio,
+                   "median_spread": statistics.median(spread.values())}, f, indent=2)
 
 
 if __name__ == "__main__":

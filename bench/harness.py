@@ -1,5 +1,6 @@
 """What every benchmark shares: experiments built by the trainers' own classes, XLA's own cost and memory figures,
 alternating timing rounds with medians, and a matmul peak measured in the same run."""
+import multiprocessing
 import os
 import statistics
 import sys
@@ -73,6 +74,53 @@ def timed(step, steps: int):
             step()
         return (time.perf_counter() - start) / steps
     return run
+
+
+class RowWorker:
+    """A process that builds timed rows with `build(settings) -> (runners, info)` and times one on request.
+
+    XLA's thread pool and PyTorch's OpenMP threads spin for a while after each program: in one process, or in two
+    that run at once, each framework's rows are slowed by the other's idle spinning. Each framework gets its own
+    worker, and only one worker runs at a time, the others waiting on their pipe.
+    """
+
+    def __init__(self, build, settings: dict):
+        context = multiprocessing.get_context("spawn")  # A clean interpreter: no framework inherited from here.
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_serve_rows, args=(build, settings, child), daemon=True)
+        self.process.start()
+        self.info = self._receive()
+
+    def _receive(self):
+        reply = self.connection.recv()
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def runner(self, name: str, pause_seconds: float = 0.5):
+        """A runner (see `alternate`) that times row `name` in the worker, after a pause that lets the threads of
+        whatever ran before go idle."""
+        def run():
+            time.sleep(pause_seconds)
+            self.connection.send(name)
+            return self._receive()
+        return run
+
+    def close(self):
+        """Ends the worker."""
+        self.connection.send(None)
+        self.process.join(timeout=60)
+
+
+def _serve_rows(build, settings, connection):
+    try:
+        runners, info = build(settings)
+        connection.send(info)
+    except BaseException as e:  # The coordinator re-raises it.
+        connection.send(RuntimeError(f"{type(e).__name__}: {e}"))
+        return
+    while (name := connection.recv()) is not None:
+        connection.send(runners[name]())
 
 
 def threaded(step_fn, state):

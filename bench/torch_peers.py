@@ -2,8 +2,9 @@
 
 Each builder returns `step()`: one full training step (forward, backward, AdamW update), synchronised. The
 timm-based facebookresearch/mae model is imported from a checkout the user points at (nothing of it is copied
-here) and needs timm; the official CL-MAE iteration is run by ../shared/bench/gpu_peers.py.
+here) and needs timm; so is the official CL-MAE iteration, from a ristea/cl-mae checkout.
 """
+import functools
 import importlib
 import sys
 
@@ -34,14 +35,19 @@ def autocast(dtype: str):
     return torch.autocast(device(), dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
+def random_images(config):
+    """A fixed random NCHW batch of the config's shape on the peers' device."""
+    size = config.input.image_size
+    return torch.randn(config.batch_size, config.input.channels, size, size, device=device())
+
+
 def adamw_step(model, loss_fn, config):
     """`step()`: `loss_fn(images)` on a fixed random batch in the JAX rows' precision policy, backward, and AdamW
     with the MAE recipe's betas and weight decay."""
     opt = config.optimizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(opt.b1, opt.b2), weight_decay=opt.weight_decay,
                                   fused=device() == "cuda")
-    images = torch.randn(config.batch_size, config.input.channels, config.input.image_size, config.input.image_size,
-                         device=device())
+    images = random_images(config)
 
     def step():
         with autocast(config.model.dtype):
@@ -71,9 +77,13 @@ def hf_mae(config, compile_model: bool = False):
     return adamw_step(model, lambda images: forward(pixel_values=images).loss, config)
 
 
-def import_fbmae(source: str):
-    """`models_mae` of a facebookresearch/mae checkout, run on today's libraries: timm >= 0.9 dropped the
-    `qk_scale` argument the official code passes as None, and numpy 1.24 the `np.float` alias its pos_embed uses."""
+CHECKOUT_MODULES = ("models_mae", "vit_local", "util", "util.pos_embed")  # Same names in both official repos.
+
+
+def import_checkout(source: str):
+    """`models_mae` of a facebookresearch/mae or ristea/cl-mae checkout, run on today's libraries: timm >= 0.9
+    dropped the `qk_scale` argument the MAE code passes as None, and numpy 1.24 the `np.float` alias of its
+    pos_embed. Both repositories name their modules alike, so each import starts from a clean slate."""
     import timm.models.vision_transformer as vision_transformer
     if "qk_scale" not in vision_transformer.Block.__init__.__code__.co_varnames:
         base = vision_transformer.Block
@@ -85,11 +95,15 @@ def import_fbmae(source: str):
         vision_transformer.Block = Block
     if not hasattr(np, "float"):
         np.float = float
+    for name in CHECKOUT_MODULES:
+        sys.modules.pop(name, None)
     sys.path.insert(0, source)
     try:
         return importlib.import_module("models_mae")
     finally:
         sys.path.remove(source)
+        for name in CHECKOUT_MODULES:
+            sys.modules.pop(name, None)
 
 
 def fbmae_mae(config, source: str, compile_model: bool = False):
@@ -97,13 +111,66 @@ def fbmae_mae(config, source: str, compile_model: bool = False):
     checkout at `source`, AdamW as the MAE recipe, in the JAX rows' precision policy."""
     m, size = config.model, vit_size(config.model.size)
     torch.manual_seed(0)
-    model = import_fbmae(source).MaskedAutoencoderViT(
+    model = import_checkout(source).MaskedAutoencoderViT(
         img_size=config.input.image_size, patch_size=m.patch_size, in_chans=config.input.channels,
         embed_dim=size["width"], depth=size["depth"], num_heads=size["num_heads"], decoder_embed_dim=m.decoder_width,
         decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_heads, norm_pix_loss=config.mae.norm_pix_loss)
     model = model.to(device()).train()
     forward = torch.compile(model) if compile_model else model
     return adamw_step(model, lambda images: forward(images, mask_ratio=config.mae.mask_ratio)[0], config)
+
+
+def vectorised_diversity(outputs, scale: float):
+    """The official DiversityLoss without its Python double loop over the batch: mean over pairs i < j of
+    exp(-scale ||m_i - m_j||), one expression (the fair fast peer; same value)."""
+    n = outputs.shape[0]
+    pairs = torch.triu_indices(n, n, 1, device=outputs.device)
+    distances = torch.cdist(outputs, outputs, p=2)[pairs[0], pairs[1]]
+    return torch.exp(-distances * scale).sum() / (n * (n - 1) / 2)
+
+
+def official_clmae(config, source: str, vectorised: bool = False):
+    """The official CL-MAE iteration of the ristea/cl-mae checkout at `source` (engine_pretrain.py): the MAE step
+    with the masking module frozen, then the module step with the backbone frozen, one AdamW over all parameters
+    (frozen parameters have no gradient and do not move), in the JAX rows' precision policy. `vectorised` replaces
+    the diversity loss's Python double loop over the batch with one expression."""
+    m, size = config.model, vit_size(config.model.size)
+    torch.manual_seed(0)
+    model = import_checkout(source).MaskedAutoencoderViT(
+        img_size=config.input.image_size, patch_size=m.patch_size, in_chans=config.input.channels,
+        embed_dim=size["width"], depth=size["depth"], num_heads=size["num_heads"], decoder_embed_dim=m.decoder_width,
+        decoder_depth=m.decoder_depth, decoder_num_heads=m.decoder_heads, norm_pix_loss=config.mae.norm_pix_loss,
+        norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
+    model = model.to(device()).train()
+    if vectorised:
+        model.diversity_loss.forward = lambda outputs: vectorised_diversity(outputs, model.diversity_loss.scale_factor)
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(opt.b1, opt.b2), weight_decay=opt.weight_decay)
+    images = random_images(config)
+    ratio, lambda_cl = config.mae.mask_ratio, 1.0
+
+    def update(loss):
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step():
+        model.freeze_maskingnet()
+        with autocast(config.model.dtype):
+            loss = model(images, mask_ratio=ratio)
+        loss.item()  # The official loop reads every loss back for its finiteness check.
+        update(loss)
+        model.unfreeze_maskingnet()
+        model.freeze_backbone()
+        with autocast(config.model.dtype):
+            reconstruction, gaussian, kl, diversity = model(images, mask_ratio=ratio, train_mask=True)
+            loss = lambda_cl * reconstruction + gaussian + kl + diversity
+        loss.item()
+        update(loss)
+        model.unfreeze_backbone()
+        synchronize()
+
+    return step
 
 
 def peak_memory_bytes() -> int | None:
@@ -115,4 +182,11 @@ def peak_memory_bytes() -> int | None:
     return peak
 
 
-BUILDERS = {"hf": lambda config: hf_mae(config), "hf_compile": lambda config: hf_mae(config, compile_model=True)}
+MAE_PEERS = {"hf": lambda config, sources: hf_mae(config),
+             "hf_compile": lambda config, sources: hf_mae(config, compile_model=True),
+             "fbmae": lambda config, sources: fbmae_mae(config, sources["fbmae"]),
+             "fbmae_compile": lambda config, sources: fbmae_mae(config, sources["fbmae"], compile_model=True)}
+CLMAE_PEERS = {"official_clmae": lambda config, sources: official_clmae(config, sources["official_clmae"]),
+               "official_clmae_vec": lambda config, sources: official_clmae(config, sources["official_clmae"], True)}
+SOURCES = {"fbmae": "fbmae", "fbmae_compile": "fbmae", "official_clmae": "official_clmae",
+           "official_clmae_vec": "official_clmae"}  # Peers that need a checkout, and which.

@@ -1,6 +1,9 @@
-"""ViT options that change speed and memory, not the numbers: fused attention (`jax.nn.dot_product_attention`)
-against the einsum reference, per-block rematerialisation, and bfloat16 parameters (the same losses within
-bfloat16's rounding)."""
+"""ViT options that change speed and memory, not the numbers: the einsum attention and GELU against their textbook
+formulas, fused attention (`jax.nn.dot_product_attention`) against the einsum one, per-block rematerialisation, and
+bfloat16 parameters (the same losses within bfloat16's rounding)."""
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +11,7 @@ import pytest
 
 from clmae_jax import train_clmae, train_mae
 from clmae_jax.models.clmae import build_mae, init_params, random_masked_loss
-from clmae_jax.models.vit import Attention
+from clmae_jax.models.vit import Attention, einsum_attention, exact_gelu
 from clmae_jax.runtime import loop, mesh as mesh_lib
 from configs import clmae_fashion_mnist, mae_fashion_mnist
 from conftest import assert_trees_close
@@ -66,6 +69,35 @@ def test_bfloat16_parameters_halve_the_state_and_keep_the_losses(setup):
     assert nbytes(state.opt_state) * 2 == nbytes(fp32_state.opt_state)  # AdamW's moments follow the parameters.
     np.testing.assert_allclose(losses, reference, rtol=2e-2)
     assert losses[-1] < losses[0]
+
+
+def textbook_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v over [B, L, H, D], normalised before the product with v."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def test_einsum_attention_is_softmax_attention_with_its_gradients():
+    q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 197, 4, 16))  # 197 tokens: ViT-B/16's decoder.
+    q, k = 7 * q, 7 * k  # Logits beyond 100, which overflow exp in float32 without the max shift.
+    q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q64, k64) / 4.0
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), v64)
+    np.testing.assert_allclose(einsum_attention(q, k, v), expected, atol=2e-5)
+    cotangent = jax.random.normal(jax.random.PRNGKey(1), q.shape)
+    grads = lambda f: jax.grad(lambda *qkv: jnp.sum(f(*qkv) * cotangent), argnums=(0, 1, 2))(q, k, v)
+    assert_trees_close(grads(einsum_attention), grads(textbook_attention), atol=2e-4)
+    assert einsum_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v))).dtype == jnp.bfloat16
+
+
+def test_exact_gelu_is_torchs_erf_gelu_with_its_gradient():
+    x = jnp.linspace(-6.0, 6.0, 1001)
+    expected = [0.5 * t * (1 + math.erf(t / math.sqrt(2))) for t in np.asarray(x, np.float64)]
+    np.testing.assert_allclose(exact_gelu(x), expected, atol=1e-6)
+    grad = jax.vmap(jax.grad(exact_gelu))(x)
+    np.testing.assert_allclose(grad, jax.vmap(jax.grad(lambda t: nn.gelu(t, approximate=False)))(x), atol=1e-6)
+    assert exact_gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_xla_attention_equals_einsum_on_long_sequences():

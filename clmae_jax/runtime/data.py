@@ -5,6 +5,8 @@ Training streams are a pure function of (seed, step): epoch e is the shard shuff
 augmentation of the i-th example of epoch e is seeded by (seed, e, i). Resuming at step s therefore starts at epoch
 s*b // n and skips s*b % n undecoded records, and continues the exact sequence of an uninterrupted run.
 """
+from __future__ import annotations
+
 import dataclasses
 import gzip
 import os
@@ -12,9 +14,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 from absl import logging
+from etils import epy
+
+with epy.lazy_imports():  # TensorFlow loads with the first pipeline: update steps and benches run without it.
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
 
 from clmae_jax.runtime.errors import MissingInputError, UserError
 

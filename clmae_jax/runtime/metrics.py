@@ -4,8 +4,11 @@ import os
 
 import jax
 import numpy as np
-from clu import metric_writers, periodic_actions
+from etils import epy
 from PIL import Image
+
+with epy.lazy_imports():  # clu's writers import TensorFlow: loaded with the first writer, not with the library.
+    from clu import metric_writers, periodic_actions
 
 
 def create_writer(workdir: str):
