@@ -85,8 +85,11 @@ def jax_rows(settings: dict):
     config.model.attention = attentions[0]
     add(f"jax_clmae_{attentions[0]}", config, jax_steps.clmae(config), flops.clmae_flops(config), "clmae")
     vendor = next((v for k, v in VENDOR_BF16_PEAK.items() if k in jax.devices()[0].device_kind), None)
+    peak = harness.matmul_peak(jnp.dtype(preset_config(mae_vitb, settings).model.dtype))
+    # GPU machines may lack TensorFlow: neither it nor clu (which imports it) may load with the timed code.
+    loaded = sorted(name for name in ("tensorflow", "clu") if name in sys.modules)
     return runners, {"rows": rows, "device": harness.device_line(), "vendor_peak_flops": vendor,
-                     "matmul_peak_flops": harness.matmul_peak(jnp.dtype(preset_config(mae_vitb, settings).model.dtype))}
+                     "matmul_peak_flops": peak, "jax_worker_loaded": loaded}
 
 
 def torch_rows(settings: dict):
@@ -176,6 +179,8 @@ def main(argv):
     config = preset_config(mae_vitb, settings)
     result = summarise(rows, timings, config.batch_size, info["matmul_peak_flops"], info["vendor_peak_flops"])
     print_table(result, config, info, failures)
+    if info["jax_worker_loaded"]:
+        print(f"note: the JAX rows loaded {', '.join(info['jax_worker_loaded'])}; a machine without it cannot run them")
     mae_row, clmae_row = (next(n for n in result if n.startswith(f"jax_{kind}_")) for kind in ("mae", "clmae"))
     time_ratio = result[clmae_row]["median_seconds"] / result[mae_row]["median_seconds"]
     flop_ratio = result[clmae_row]["analytic_flops_per_image"] / result[mae_row]["analytic_flops_per_image"]
@@ -188,6 +193,7 @@ def main(argv):
     with open(out, "w") as f:
         json.dump({"device": info["device"], "preset": FLAGS.preset, "smoke": FLAGS.smoke,
                    "matmul_peak_flops": info["matmul_peak_flops"], "rows": result, "not_run": failures,
+                   "jax_worker_loaded": info["jax_worker_loaded"],
                    "clmae_over_mae_time": time_ratio, "clmae_over_mae_flops": flop_ratio,
                    "median_spread": statistics.median(spread.values())}, f, indent=2)
 

@@ -40,10 +40,10 @@ def batch_spec(config, mesh, labels: int = 0) -> dict:
     return spec
 
 
-def compile_stats(jitted, *args) -> tuple[object, dict]:
+def compile_stats(jitted, *args, compiler_options=None) -> tuple[object, dict]:
     """(compiled executable, its compile seconds, XLA FLOPs and per-device memory in bytes)."""
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    compiled = jitted.lower(*args).compile(compiler_options=compiler_options)
     seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -87,12 +87,18 @@ class RowWorker:
     def __init__(self, build, settings: dict):
         context = multiprocessing.get_context("spawn")  # A clean interpreter: no framework inherited from here.
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=_serve_rows, args=(build, settings, child), daemon=True)
+        self.process = context.Process(target=_serve_rows, args=(build, settings, child), daemon=True,
+                                       name=getattr(build, "__name__", "row"))
         self.process.start()
+        child.close()  # Only the worker holds its end now: a worker that dies ends our receive instead of hanging it.
         self.info = self._receive()
 
     def _receive(self):
-        reply = self.connection.recv()
+        try:
+            reply = self.connection.recv()
+        except EOFError:
+            self.process.join(timeout=10)
+            raise RuntimeError(f"the {self.process.name} worker died (exit code {self.process.exitcode})") from None
         if isinstance(reply, BaseException):
             raise reply
         return reply

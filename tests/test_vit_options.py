@@ -41,6 +41,22 @@ def test_option_gives_the_reference_loss_and_gradients(reference, attention, rem
     assert_trees_close(grads, reference[1], atol=1e-6)
 
 
+def test_remat_gives_the_masking_modules_probabilities_and_gradients():
+    from clmae_jax.models.masker import CurriculumMasker
+    tokens = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 32))
+    params = CurriculumMasker(depth=2).init(jax.random.PRNGKey(1), tokens)
+    outputs, programs = {}, {}
+    for remat in (False, True):
+        masker = CurriculumMasker(depth=2, remat=remat)
+        loss = lambda p: jnp.sum(masker.apply(p, tokens) * jnp.arange(16.0))
+        outputs[remat] = jax.jit(jax.value_and_grad(loss))(params)
+        programs[remat] = str(jax.make_jaxpr(loss)(params))
+    assert "remat" in programs[True] and "remat" not in programs[False]
+    np.testing.assert_allclose(outputs[True][0], outputs[False][0], rtol=1e-6)
+    assert_trees_close(outputs[True][1], outputs[False][1], atol=1e-6)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(outputs[False][1]['params']['blocks']))
+
+
 def training_losses(config_module, experiment_cls, loss_key: str, param_dtype: str, steps: int = 4):
     """(losses of `steps` updates of the real experiment on fixed real-sized images, the final train state)."""
     config = config_module.get_config("smoke")

@@ -17,6 +17,7 @@ class CurriculumMasker(nn.Module):
     # unlike the MAE's 1e-6.
     norm_eps: float = 1e-5
     dtype: Any = jnp.float32
+    remat: bool = False  # See vit.Transformer.
 
     @nn.compact
     def __call__(self, tokens):
@@ -27,7 +28,8 @@ class CurriculumMasker(nn.Module):
         # Transformer's final LayerNorm is the head's LayerNorm: MaskingNet has no norm after its blocks, only
         # `mlp_head = LayerNorm -> Linear -> Sigmoid`, and LayerNorm acts per token, so normalising every token
         # and reading the CLS equals normalising the CLS alone.
-        x = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, name="blocks")(x)
+        x = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, remat=self.remat,
+                        name="blocks")(x)
         # The head runs in float32 so the probabilities (and the losses built on them) keep full precision.
         logits = nn.Dense(num_tokens, kernel_init=dense_init, dtype=jnp.float32, name="head")(
             x[:, 0].astype(jnp.float32))
