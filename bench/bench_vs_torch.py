@@ -10,8 +10,9 @@
 Same model (each peer is built to the config's sizes), batch, mask ratio and precision policy (fp32, or bf16
 compute with fp32 parameters: torch autocast), full step (forward, backward, AdamW). The JAX rows and the PyTorch
 rows live in two worker processes that never run at once (each framework's idle threads would slow the other), so
-every row is timed in the same run: all rows are warmed up, then run in turn for --rounds rounds, and the median is
-kept. Per row: images/s, the ratio to each peer, model FLOPs per image (analytic, and XLA's cost analysis), achieved
+every row is timed in the same run: all rows are warmed up, then run in turn for --rounds rounds (each row's turn
+starts with one untimed step), and the median is kept; a ratio to a peer is the median of the per-round ratios.
+Per row: images/s, the ratio to each peer, model FLOPs per image (analytic, and XLA's cost analysis), achieved
 FLOP/s as a fraction of a matmul peak measured in the same run (and of the vendor bf16 peak on known GPUs), peak
 memory per device, compile time. JSON goes to --out.
 """
@@ -135,8 +136,9 @@ def summarise(rows: dict, timings: dict, batch: int, peak: float, vendor: float 
                         "fraction_of_measured_peak": achieved / peak,
                         "fraction_of_vendor_peak": achieved / vendor if vendor else None}
     for name, r in result.items():
-        if name.startswith("jax_"):
-            r["speedup_over"] = {p: result[p]["median_seconds"] / r["median_seconds"] for p in result
+        if name.startswith("jax_"):  # Ratios within each round, then their median: drift between rounds cancels.
+            r["speedup_over"] = {p: statistics.median(a / b for a, b in zip(result[p]["all_seconds"], r["all_seconds"]))
+                                 for p in result
                                  if not p.startswith("jax_") and result[p]["compares_to"] == r["compares_to"]}
     return result
 

@@ -58,17 +58,20 @@ def compile_stats(jitted, *args, compiler_options=None) -> tuple[object, dict]:
 
 def alternate(runners: dict, rounds: int) -> dict:
     """Median seconds per step of every runner over `rounds` rounds that run them in turn (shared machines drift:
-    alternating spreads the drift over all rows). A runner is `() -> seconds per step`."""
-    times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, runner in runners.items():
-            times[name].append(runner())
+    alternating spreads the drift over all rows). Each round starts one row later, so no row is always the one that
+    runs first after the others. A runner is `() -> seconds per step`."""
+    times, names = {name: [] for name in runners}, list(runners)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(runners[name]())
     return {name: {"median_seconds": statistics.median(t), "all_seconds": t} for name, t in times.items()}
 
 
 def timed(step, steps: int):
-    """A runner: `step()` (which must wait for its results) `steps` times -> seconds per step."""
+    """A runner: one untimed `step()` (which must wait for its results; it absorbs the switch from whatever ran
+    before: caches, idle threads), then `steps` timed ones -> seconds per step."""
     def run():
+        step()
         start = time.perf_counter()
         for _ in range(steps):
             step()
