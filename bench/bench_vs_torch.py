@@ -103,6 +103,10 @@ def torch_rows(settings: dict):
     for name in settings["peers"]:
         kind = "clmae" if name in torch_peers.CLMAE_PEERS else "mae"
         config = preset_config(clmae_vitb if kind == "clmae" else mae_vitb, settings)
+        checkout = torch_peers.CHECKOUTS.get(name)
+        if checkout and not settings["sources"][checkout]:
+            failures[name] = f"needs a checkout: --{checkout}=PATH"
+            continue
         try:
             step = {**torch_peers.MAE_PEERS, **torch_peers.CLMAE_PEERS}[name](config, settings["sources"])
             step()  # torch.compile compiles here, outside the timings.
@@ -118,7 +122,7 @@ def torch_rows(settings: dict):
 def default_peers(sources: dict) -> list:
     """Both Hugging Face rows, and the peers of every checkout given."""
     peers = ["hf", "hf_compile"]
-    if sources["fbmae"]:
+    if sources["fbmae_src"]:
         peers += ["fbmae", "fbmae_compile"]
     if sources["official_clmae"]:
         peers += ["official_clmae", "official_clmae_vec"]
@@ -165,7 +169,7 @@ def print_table(result: dict, config, info: dict, failures: dict):
 def main(argv):
     """Starts both workers, warms every row up, times all rows in alternating rounds, prints and saves the table."""
     del argv
-    sources = {"fbmae": FLAGS.fbmae_src, "official_clmae": FLAGS.official_clmae}
+    sources = {"fbmae_src": FLAGS.fbmae_src, "official_clmae": FLAGS.official_clmae}
     settings = {"preset": FLAGS.preset, "smoke": FLAGS.smoke, "attentions": FLAGS.attentions, "steps": FLAGS.steps,
                 "peers": FLAGS.peers or default_peers(sources), "sources": sources}
     jax_worker = harness.RowWorker(jax_rows, settings)

@@ -184,9 +184,9 @@ def peak_memory_bytes() -> int | None:
 
 MAE_PEERS = {"hf": lambda config, sources: hf_mae(config),
              "hf_compile": lambda config, sources: hf_mae(config, compile_model=True),
-             "fbmae": lambda config, sources: fbmae_mae(config, sources["fbmae"]),
-             "fbmae_compile": lambda config, sources: fbmae_mae(config, sources["fbmae"], compile_model=True)}
+             "fbmae": lambda config, sources: fbmae_mae(config, sources["fbmae_src"]),
+             "fbmae_compile": lambda config, sources: fbmae_mae(config, sources["fbmae_src"], compile_model=True)}
 CLMAE_PEERS = {"official_clmae": lambda config, sources: official_clmae(config, sources["official_clmae"]),
                "official_clmae_vec": lambda config, sources: official_clmae(config, sources["official_clmae"], True)}
-SOURCES = {"fbmae": "fbmae", "fbmae_compile": "fbmae", "official_clmae": "official_clmae",
-           "official_clmae_vec": "official_clmae"}  # Peers that need a checkout, and which.
+CHECKOUTS = {"fbmae": "fbmae_src", "fbmae_compile": "fbmae_src", "official_clmae": "official_clmae",
+             "official_clmae_vec": "official_clmae"}  # Peers that run a checkout's code: the flag naming it.
