@@ -33,15 +33,7 @@ FLAGS = flags.FLAGS
 
 def bench_config(module, size: str):
     """The ImageNet ViT-size/16 config of `module` at the benchmark batch, dtype and attention."""
-    config = module.get_config()
-    config.model.size = size
-    config.model.dtype = FLAGS.dtype
-    config.model.attention = FLAGS.attention
-    config.batch_size = FLAGS.batch
-    if "clmae" in config:
-        config.clmae.loss_group_size = FLAGS.batch
-    config.optimizer.schedule, config.optimizer.lr = "constant", 1e-4
-    return config
+    return harness.step_config(module, FLAGS.batch, FLAGS.dtype, size=size, attention=FLAGS.attention)
 
 
 def bench_size(size: str, peak: float) -> dict:

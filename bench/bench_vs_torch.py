@@ -48,16 +48,11 @@ VENDOR_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 def preset_config(module, settings: dict):
     """`module`'s ImageNet config at the preset's size, batch and precision."""
-    config = module.get_config()
-    gpu = settings["preset"] == "gpu"
-    config.batch_size = 256 if gpu else 8
-    config.model.dtype = "bfloat16" if gpu else "float32"
-    config.optimizer.schedule, config.optimizer.lr = "constant", 1e-4
-    if settings["smoke"]:
-        config.batch_size, config.input.image_size, config.model.size = 8, 64, "mini"
-        config.model.update(decoder_width=64, decoder_depth=2, decoder_heads=4)
-    if "clmae" in config:
-        config.clmae.loss_group_size = config.batch_size
+    gpu, smoke = settings["preset"] == "gpu", settings["smoke"]
+    model = dict(size="mini", decoder_width=64, decoder_depth=2, decoder_heads=4) if smoke else {}
+    config = harness.step_config(module, 256 if gpu and not smoke else 8, "bfloat16" if gpu else "float32", **model)
+    if smoke:
+        config.input.image_size = 64
     return config
 
 

@@ -21,6 +21,18 @@ def build(experiment_cls, config, num_classes: int = 0):
     return experiment_cls(config, mesh_lib.make_mesh(config.get("mesh")), budget)
 
 
+def step_config(module, batch: int, dtype: str, **model):
+    """`module`'s config for timing one update: the given global batch and compute dtype, `model` fields set, a
+    constant learning rate, CL-MAE's losses over the whole batch."""
+    config = module.get_config()
+    config.batch_size, config.model.dtype = batch, dtype
+    config.model.update(model)
+    config.optimizer.schedule, config.optimizer.lr = "constant", 1e-4
+    if "clmae" in config:
+        config.clmae.loss_group_size = batch
+    return config
+
+
 def random_batch(config, mesh, labels: int = 0) -> dict:
     """Random uint8 images (and labels) of the config's shape, split over the mesh as the input pipeline does."""
     size, channels = config.input.image_size, config.input.channels

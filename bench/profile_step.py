@@ -65,12 +65,8 @@ def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter]:
 def main(argv):
     """Builds, warms up, traces and attributes the step; prints and saves the tables."""
     del argv
-    config = (clmae_vitb if FLAGS.experiment == "clmae" else mae_vitb).get_config()
-    config.batch_size, config.model.dtype, config.model.size = FLAGS.batch, FLAGS.dtype, FLAGS.size
-    config.model.attention = FLAGS.attention
-    config.optimizer.schedule, config.optimizer.lr = "constant", 1e-4
-    if "clmae" in config:
-        config.clmae.loss_group_size = config.batch_size
+    config = harness.step_config(clmae_vitb if FLAGS.experiment == "clmae" else mae_vitb, FLAGS.batch, FLAGS.dtype,
+                                 size=FLAGS.size, attention=FLAGS.attention)
     if FLAGS.experiment == "clmae":
         experiment, programs, _ = jax_steps.compile_clmae(config)
         step = jax_steps.clmae_iteration(programs, harness.random_batch(config, experiment.mesh))
