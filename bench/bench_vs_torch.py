@@ -82,8 +82,8 @@ def jax_rows(settings: dict):
     add(f"jax_clmae_{attentions[0]}", config, jax_steps.clmae(config), flops.clmae_flops(config), "clmae")
     vendor = next((v for k, v in VENDOR_BF16_PEAK.items() if k in jax.devices()[0].device_kind), None)
     peak = harness.matmul_peak(jnp.dtype(preset_config(mae_vitb, settings).model.dtype))
-    # GPU machines may lack TensorFlow: neither it nor clu (which imports it) may load with the timed code.
-    loaded = sorted(name for name in ("tensorflow", "clu") if name in sys.modules)
+    # GPU machines may lack TensorFlow: neither it, tfds nor clu (both import it) may load with the timed code.
+    loaded = sorted(name for name in ("tensorflow", "tensorflow_datasets", "clu") if name in sys.modules)
     return runners, {"rows": rows, "device": harness.device_line(), "vendor_peak_flops": vendor,
                      "matmul_peak_flops": peak, "jax_worker_loaded": loaded}
 

@@ -1,5 +1,5 @@
 """bench_vs_torch stays runnable: its GPU preset runs end to end on CPU at a tiny size, and the JAX rows load neither
-TensorFlow nor clu (the GPU machines the benches are meant for may have neither)."""
+TensorFlow, tfds nor clu (the GPU machines the benches are meant for may have none of them)."""
 import json
 import os
 import subprocess
