@@ -10,6 +10,9 @@ import tempfile
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"clmae_jax_tests_xla_cache_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The CPU backend for every test and subprocess: with libtpu installed (the TPU compile tests), JAX would otherwise
+# spend seconds looking for a TPU at every start and print errors; deviceless TPU compiles do not need it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 try:  # torchvision (which timm imports) segfaults on import once TensorFlow is loaded; the other order is safe.
     import torchvision  # noqa: F401, E402

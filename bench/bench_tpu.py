@@ -1,0 +1,197 @@
+"""Compiles every program of an experiment for a TPU pod slice that is not attached, and estimates what it costs.
+
+    python bench/bench_tpu.py --topology=v5e-256 --config=configs/clmae_vitb.py [--per_chip_batch=N]
+        [--config.model.size=large --config.model.remat=True --config.mesh.fsdp=4 ...]
+
+Needs libtpu (`pip install -r requirements-tpu.txt`); no TPU. The experiment is built by its own class (the one
+main.py trains with) on a Mesh over the topology's devices; each program a run executes is compiled, never run:
+MAE step; CL-MAE's MAE and masking-module steps; the supervised (CBM / fine-tuning) step and its evaluation step;
+for pretraining configs also kNN feature extraction and the linear probe's step (frozen encoder on images). Per
+program: per-chip peak memory against the chip's HBM, XLA FLOPs, the compiler's time estimates (see bench/tpu.py:
+the cycle sum is the one used, `optimal_seconds` is shown beside it), images/s per chip and MFU against the chip's
+bf16 peak from that estimate, compile seconds, and the collectives in the optimised HLO. Every time is the
+compiler's estimate, never a measurement. JSON goes to --out (one file per topology and config).
+"""
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import tpu  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench import flops, harness  # noqa: E402
+from clmae_jax import train_clmae, train_mae  # noqa: E402
+from clmae_jax.evaluate import linear  # noqa: E402
+from clmae_jax.evaluate.encoder import Encoder, encoder_params  # noqa: E402
+from clmae_jax.models.vit import vit_size  # noqa: E402
+from clmae_jax.runtime import loop, mesh as mesh_lib  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Experiment config (configs/NAME.py[:variant]).", lock_config=False)
+flags.DEFINE_string("topology", "v5e:2x2", f"TPU topology ('v5e:16x16') or slice ({', '.join(tpu.SLICES)}).")
+flags.DEFINE_integer("per_chip_batch", 0, "Images per chip (0: the config's global batch spread over the chips).")
+flags.DEFINE_list("programs", [], "Only these programs (default: every program of the experiment).")
+flags.DEFINE_integer("num_classes", 0, "Classes of the data set (0: from the table below; 1000 when unknown).")
+flags.DEFINE_string("cache_dir", "~/.cache/clmae_jax/tpu_xla", "Persistent compilation cache ('' for none).")
+flags.DEFINE_string("out", "", "JSON path (default bench/results/tpu_<topology>_<config>.json).")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+# Training examples of the data sets the paper configs name: the step count of a paper schedule.
+TRAIN_EXAMPLES = {"imagenet2012": 1_281_167, "cifar10": 50_000, "cifar100": 50_000, "food101": 75_750,
+                  "tiny_imagenet": 100_000, "fashion_mnist": 60_000}
+NUM_CLASSES = {"imagenet2012": 1000, "cifar10": 10, "cifar100": 100, "food101": 101, "tiny_imagenet": 200,
+               "fashion_mnist": 10, "sport_balls": 15, "sea_animals": 23, "ahe": 10}
+
+
+def dataset_name(config) -> str:
+    """The DATASETS key of config.input (image folders are named by their config file's data set)."""
+    return config.input.get("name") or config.get("dataset", "")
+
+
+def build(config, devices, num_classes: int = 0):
+    """The experiment of config.experiment on a Mesh over `devices`, with a one-epoch budget (`num_classes`
+    0: the data set's, from NUM_CLASSES)."""
+    num_classes = num_classes or NUM_CLASSES.get(dataset_name(config), 1000)
+    budget = loop.Budget(config, 1000, 1000, num_classes)
+    mesh = mesh_lib.make_mesh(config.get("mesh"), devices)
+    if config.experiment == "mae":
+        return train_mae.MAE(config, mesh, budget)
+    if config.experiment == "clmae":
+        return train_clmae.CLMAEExperiment(config, mesh, budget)
+    if config.experiment == "cbm":
+        from cbm_jax import train_supervised
+        return train_supervised.Supervised(config, mesh, budget)
+    raise ValueError(f"bench_tpu compiles training experiments (mae, clmae, cbm), not {config.experiment!r}.")
+
+
+def evaluation_programs(experiment, config, mae_params, batch_spec) -> dict:
+    """kNN feature extraction and the linear probe's step (frozen encoder on images) of the pretrained encoder."""
+    params = encoder_params(mae_params)
+    encoder = Encoder(name="tpu", params=params, num_heads=vit_size(config.model.size)["num_heads"],
+                      mean=tuple(config.input.mean), std=tuple(config.input.std), dtype=config.model.dtype)
+    features = jax.jit(lambda p, images: encoder.features(p, images)["gap"])
+    head = linear.ProbeHead(experiment.budget.num_classes)
+    tx, _ = linear.make_optimizer(linear_probe_config(config.batch_size), 1000, 1000)
+    width = vit_size(config.model.size)["width"]
+    probe_state = jax.eval_shape(lambda: linear.init_state(head, tx, width, 0))
+    probe_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=experiment.replicated),
+                               probe_state)
+    probe_step = linear.make_train_step(head, tx, lambda p, batch: encoder.features(p, batch["image"])["cls"])
+    labelled = {**batch_spec, "label": harness.batch_spec(config, experiment.mesh, labels=2)["label"]}
+    return {"knn_features": (features, (params, batch_spec["image"])),
+            "linear_probe_step": (probe_step, (probe_state, params, labelled))}
+
+
+def linear_probe_config(batch_size: int):
+    """The official linear-probe recipe (LARS, lr 0.1, 10 warm-up epochs) at `batch_size`."""
+    import ml_collections
+    return ml_collections.ConfigDict(dict(lr=0.1, base_lr=0.0, batch_size=batch_size, warmup_epochs=10, epochs=90))
+
+
+def programs(experiment, config) -> dict:
+    """{name: (jitted, abstract args)} of every program a run of `config` executes; training ones first."""
+    state = experiment.abstract_state()
+    batch = harness.batch_spec(config, experiment.mesh, labels=experiment.budget.num_classes
+                               if config.experiment == "cbm" else 0)
+    if config.experiment == "mae":
+        found = {"mae_step": (experiment.step_fn, (state, batch))}
+    elif config.experiment == "clmae":
+        found = {"mae_step": (experiment.mae_step, (state, batch)),
+                 "masker_step": (experiment.masker_step, (state, batch, jnp.float32(1.0)))}
+    else:
+        from cbm_jax import train_supervised
+        eval_batch = {**batch, "mask": jax.ShapeDtypeStruct(batch["label"].shape, jnp.bool_,
+                                                            sharding=batch["label"].sharding)}
+        eval_step = jax.jit(train_supervised.make_eval_step(experiment.model, config))
+        return {"train_step": (experiment.step_fn, (state, batch, max(experiment.patches))),
+                "eval_step": (eval_step, (state, eval_batch))}
+    return {**found, **evaluation_programs(experiment, config, experiment.encoder_params(state), batch)}
+
+
+TRAINING = ("mae_step", "masker_step", "train_step")
+
+
+def analytic_flops(config) -> float:
+    """Matmul FLOPs per image of one training iteration (0 where there is no analytic count: CBM)."""
+    if config.experiment == "mae":
+        return flops.mae_flops(config)
+    if config.experiment == "clmae":
+        return flops.clmae_flops(config)
+    return 0.0
+
+
+def summarise(config, chip, per_chip_batch: int, rows: dict, num_chips: int) -> dict:
+    """The run's figures: the training programs of one iteration added up, images/s per chip, MFU, wall-clock."""
+    training = [rows[name] for name in TRAINING if name in rows]
+    seconds = sum(r["estimated_seconds"] for r in training)
+    model_flops = analytic_flops(config) * per_chip_batch
+    xla_flops = sum(r["xla_flops_per_chip"] for r in training)
+    used_flops = model_flops or xla_flops
+    steps_per_epoch, total_steps = loop.step_budget(config, TRAIN_EXAMPLES.get(dataset_name(config), 1_281_167))
+    return {"iteration_estimated_seconds": seconds,
+            "images_per_sec_per_chip": per_chip_batch / seconds if seconds else 0.0,
+            "mfu": used_flops / seconds / (chip.bf16_tflops * 1e12) if seconds else 0.0,
+            "mfu_flops": "analytic" if model_flops else "xla",
+            "analytic_flops_per_chip": model_flops, "xla_flops_per_chip": xla_flops,
+            "peak_gib_per_chip": max(r["peak_gib_per_chip"] for r in training),
+            "fits": max(r["peak_gib_per_chip"] for r in training) <= chip.hbm_gib,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+            "schedule_hours": total_steps * seconds / 3600, "num_chips": num_chips}
+
+
+def print_table(topology: str, chip, run: dict, rows: dict):
+    """One line per program and the run's summary."""
+    print(f"\n{topology}: {run['num_chips']} chips of TPU {chip.kind} ({chip.bf16_tflops:.0f} bf16 TFLOP/s, "
+          f"{chip.hbm_gib:.0f} GiB HBM); every time is the compiler's estimate, not a measurement")
+    header = ("program", "peak GiB/chip", "XLA TFLOP/chip", "est. ms (cycles)", "optimal_seconds",
+              "collectives (count, MiB)", "compile s")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for name, r in rows.items():
+        coll = ", ".join(f"{k} {v['count']} / {v['bytes'] / 2**20:.0f}" for k, v in r["collectives"].items()
+                         if v["count"])
+        print(f"| {name} | {r['peak_gib_per_chip']:.2f} | {r['xla_flops_per_chip'] / 1e12:.3f} | "
+              f"{r['estimated_seconds'] * 1e3:.1f} | {r['optimal_seconds']:.4g} | {coll or '-'} | "
+              f"{r['compile_seconds']:.0f} |")
+    print(f"iteration: {run['iteration_estimated_seconds'] * 1e3:.1f} ms (est.), {run['images_per_sec_per_chip']:.0f} "
+          f"images/s/chip, MFU {100 * run['mfu']:.1f}% ({run['mfu_flops']} FLOPs), peak {run['peak_gib_per_chip']:.2f}"
+          f" GiB/chip ({'fits' if run['fits'] else 'does NOT fit'} {chip.hbm_gib:.0f} GiB), schedule "
+          f"{run['total_steps']} steps = {run['schedule_hours']:.1f} h (est.)")
+
+
+def main(argv):
+    """Compiles the config's programs for the topology, prints the table and writes the JSON."""
+    del argv
+    if FLAGS.cache_dir:
+        tpu.enable_compilation_cache(FLAGS.cache_dir)
+    config, chip = FLAGS.config, tpu.chip(FLAGS.topology)
+    devices = tpu.topology_devices(FLAGS.topology)
+    num_chips = len(devices) // chip.devices_per_chip
+    if FLAGS.per_chip_batch:
+        config.batch_size = FLAGS.per_chip_batch * num_chips
+    per_chip_batch = config.batch_size // num_chips
+    experiment = build(config, devices, FLAGS.num_classes)
+    rows = {}
+    for name, (jitted, args) in programs(experiment, config).items():
+        if FLAGS.programs and name not in FLAGS.programs:
+            continue
+        _, rows[name] = tpu.compile_program(jitted, *args, chip_=chip)
+        print(name, json.dumps({k: v for k, v in rows[name].items() if k != "collectives"}), flush=True)
+    run = summarise(config, chip, per_chip_batch, rows, num_chips)
+    print_table(FLAGS.topology, chip, run, rows)
+    name = os.path.basename(config_flags.get_config_filename(FLAGS["config"])).removesuffix(".py")
+    out = FLAGS.out or f"bench/results/tpu_{FLAGS.topology.replace(':', '_')}_{name}.json"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"topology": FLAGS.topology, "chip": chip.__dict__, "config": config.to_dict(),
+                   "per_chip_batch": per_chip_batch, "run": run, "programs": rows}, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    app.run(main)

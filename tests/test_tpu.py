@@ -1,0 +1,92 @@
+"""Every experiment compiles for a TPU slice that is not attached (libtpu's deviceless AOT), with the collectives
+and memory its layout promises, and each pod host feeds exactly its rows of the global batch.
+
+These catch a sharding change that breaks TPU compilation before anyone pays for a pod. Needs libtpu
+(`requirements-tpu.txt`, installed by `.ci/setup test`).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("libtpu", reason="TPU compile tests need libtpu: pip install -r requirements-tpu.txt")
+
+from bench import bench_tpu, tpu  # noqa: E402
+from configs import cbm_fashion_mnist, clmae_vitb, mae_vitb  # noqa: E402
+from clmae_jax.runtime import mesh as mesh_lib  # noqa: E402
+
+TOPOLOGY = "v5e:2x2"  # 4 chips, one host: the smallest slice that has something to shard.
+CONFIGS = {"mae": mae_vitb, "clmae": clmae_vitb, "cbm": cbm_fashion_mnist}
+
+
+def smoke_config(name: str, fsdp: int):
+    """The smoke config of `name` at 2 images per chip, its train state split over `fsdp` chips."""
+    config = CONFIGS[name].get_config("smoke")
+    config.batch_size = 8
+    config.mesh = {"data": -1, "fsdp": fsdp, "min_shard_size": 256}  # Smoke models are tiny: shard them anyway.
+    return config
+
+
+def compile_training(name: str, fsdp: int) -> dict:
+    """{program: figures} of the training programs of `name`'s smoke config compiled for TOPOLOGY."""
+    config, devices = smoke_config(name, fsdp), tpu.topology_devices(TOPOLOGY)
+    experiment = bench_tpu.build(config, devices)
+    programs = bench_tpu.programs(experiment, config)
+    return {program: tpu.compile_program(jitted, *args, chip_=tpu.chip(TOPOLOGY))[1]
+            for program, (jitted, args) in programs.items() if program in bench_tpu.TRAINING}
+
+
+def counts(figures: dict) -> dict:
+    """{collective kind: count} of one compiled program."""
+    return {kind: c["count"] for kind, c in figures["collectives"].items()}
+
+
+def test_mae_step_compiles_for_tpu_replicated_and_fsdp_with_the_collectives_and_memory_of_each():
+    replicated, fsdp = compile_training("mae", 1)["mae_step"], compile_training("mae", 4)["mae_step"]
+    # Data parallelism all-reduces gradients and gathers nothing; FSDP gathers parameters for the forward pass,
+    # reduce-scatters gradients to their shards, and so holds less per chip.
+    assert counts(replicated)["all-gather"] == 0 and counts(replicated)["all-reduce"] > 0, counts(replicated)
+    assert counts(fsdp)["all-gather"] > 0 and counts(fsdp)["reduce-scatter"] > 0, counts(fsdp)
+    assert fsdp["argument_gib_per_chip"] < replicated["argument_gib_per_chip"]
+    assert fsdp["peak_gib_per_chip"] < replicated["peak_gib_per_chip"]
+    assert replicated["estimated_seconds"] > 0 and replicated["xla_flops_per_chip"] > 0
+
+
+@pytest.mark.parametrize("name,programs", [("clmae", {"mae_step", "masker_step"}), ("cbm", {"train_step"})])
+def test_clmae_steps_and_cbm_step_compile_for_tpu_with_fsdp(name, programs):
+    compiled = compile_training(name, 4)
+    assert set(compiled) == programs
+    for program, figures in compiled.items():
+        assert counts(figures)["all-gather"] > 0 and counts(figures)["reduce-scatter"] > 0, (program, counts(figures))
+        assert 0 < figures["peak_gib_per_chip"] < tpu.chip(TOPOLOGY).hbm_gib
+
+
+def test_estimated_cycles_count_a_loop_body_once_per_iteration():
+    devices = tpu.topology_devices(TOPOLOGY)
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("data",)), jax.sharding.PartitionSpec())
+    spec = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16, sharding=sharding)
+    chain = lambda times: jax.jit(lambda a, b: jax.lax.fori_loop(0, times, lambda _, x: jnp.tanh(x @ b), a))
+    one, four = (tpu.compile_program(chain(n), spec, spec, chip_=tpu.chip(TOPOLOGY))[1] for n in (1, 4))
+    # A 1024^3 bf16 matmul is 2.1 GFLOP: about 11 us at v5e's 197 TFLOP/s.
+    assert 5e-6 < one["estimated_seconds"] < 1e-4
+    assert 3.5 < four["estimated_cycles"] / one["estimated_cycles"] < 4.5
+
+
+@pytest.mark.parametrize("topology,fsdp", [("v5e-256", 1), ("v5e-256", 4), ("v4-128", 4), ("v5p-128", 4),
+                                           ("v3-128", 8)])
+def test_every_pod_host_feeds_one_block_of_rows_and_fsdp_stays_inside_a_host(topology, fsdp):
+    devices = tpu.topology_devices(topology)
+    hosts = len({d.process_index for d in devices})
+    assert hosts == len(devices) // len([d for d in devices if d.process_index == 0]) > 1
+    mesh = mesh_lib.make_mesh({"data": -1, "fsdp": fsdp}, devices)
+    batch = 4 * len(devices)
+    assert tpu.input_layout_problems(mesh, mesh_lib.batch_sharding(mesh), batch) == []
+    assert tpu.fsdp_groups_across_hosts(mesh) == 0
+
+
+def test_a_mesh_that_mixes_hosts_is_caught():
+    devices = tpu.topology_devices("v5e-256")
+    order = np.random.default_rng(0).permutation(len(devices))
+    mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 4}, [devices[i] for i in order])
+    assert tpu.input_layout_problems(mesh, mesh_lib.batch_sharding(mesh), 4 * len(devices))
+    assert tpu.fsdp_groups_across_hosts(mesh) > 0
