@@ -153,6 +153,27 @@ def estimated_cycles(hlo: str) -> int:
     return cost(entry)
 
 
+def cycle_breakdown(hlo: str) -> dict:
+    """{"matmul" / "other" x "forward" / "backward" / "rest": share of the top-level estimated cycles}: an op is a
+    matmul when its fused computation holds a convolution or dot; the pass comes from JAX's op_name (transpose(...)
+    is the backward pass, jvp(...) the forward; the rest is mostly the optimizer update)."""
+    blocks, entry = computations(hlo)
+    fused_matmul = {name for name, lines in blocks.items() if any(opcode(l) in ("convolution", "dot") for l in lines)}
+    shares = {}
+    for line in blocks[entry]:
+        cycles = re.search(r'"estimated_cycles":"(-?\d+)"', line)
+        if not cycles:
+            continue
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        kind = "matmul" if (called and called.group(1) in fused_matmul) or opcode(line) in ("convolution", "dot") \
+            else "other"
+        name = (re.search(r'op_name="([^"]*)"', line) or re.match("()", "")).group(1)
+        phase = "backward" if "transpose(" in name else "forward" if "jvp(" in name else "rest"
+        shares[f"{kind}/{phase}"] = shares.get(f"{kind}/{phase}", 0) + int(cycles.group(1))
+    total = sum(shares.values()) or 1
+    return {k: v / total for k, v in sorted(shares.items())}
+
+
 def collectives(hlo: str) -> dict:
     """{kind: {"count", "bytes"}} of the cross-device collectives in the optimised HLO: asynchronous ones counted at
     their start, bytes of the values they produce. The TPU compiler emits a reduce-scatter as a fusion that calls an
@@ -198,6 +219,7 @@ def compile_program(jitted, *args, chip_: Chip) -> tuple[object, dict]:
         "estimated_cycles": cycles,
         "estimated_seconds": cycles / (chip_.clock_ghz * 1e9),
         "collectives": collectives(hlo),
+        "cycle_breakdown": cycle_breakdown(hlo),
     }
 
 
