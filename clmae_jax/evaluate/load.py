@@ -16,19 +16,10 @@ import orbax.checkpoint as ocp
 from clmae_jax.evaluate.encoder import (RAW_PIXELS, Encoder, Geometry, check_geometry, config_geometry,
                                        encoder_params, raw_pixels)
 from clmae_jax.models.vit import vit_size
-from clmae_jax.runtime.checkpoint import COMMIT_MARKER, checkpoints_directory
+from clmae_jax.runtime.checkpoint import checkpoints_directory, committed_steps
 from clmae_jax.runtime.errors import MissingInputError, UserError
 
 ENCODER_KEYS = ("patch_embed", "cls_token", "encoder")
-
-
-def committed_steps(checkpoints_dir: str) -> list:
-    """Steps under WORKDIR/checkpoints that orbax finished writing, oldest first."""
-    if not os.path.isdir(checkpoints_dir):
-        return []
-    steps = [int(n) for n in os.listdir(checkpoints_dir)
-             if n.isdigit() and os.path.exists(os.path.join(checkpoints_dir, n, COMMIT_MARKER))]
-    return sorted(steps)
 
 
 def resolve_step_folder(path: str, step: int = -1) -> tuple[str, str, int]:
