@@ -4,6 +4,7 @@ foreign checkpoints, non-finite training, a full disk, a second run on the workd
 Every run is a subprocess of `python main.py`; "nothing lost" is checked by restoring final checkpoints into numpy
 and comparing them bitwise with an uninterrupted run's.
 """
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT
-from clmae_jax.runtime import lock, validate
+from clmae_jax.runtime import checkpoint, lock, validate
 from clmae_jax.runtime.errors import UserError
 from configs import cbm_fashion_mnist, clmae_fashion_mnist, mae_fashion_mnist
 
@@ -171,6 +172,70 @@ def test_kill_9_anywhere_then_rerun_equals_uninterrupted(tmp_path, compile_cache
     assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt")), kills  # Nothing set aside or lost.
 
 
+# ---------------------------------------------------------------- preemption: SIGTERM / SIGINT ------------------
+
+
+def wait_for_step(run: Main, step: int):
+    """Returns once `run` logged `step` (fails if it ended before)."""
+    while not any(re.search(rf"\] \[{step}\] ", line) for line in run.lines):
+        assert run.proc.poll() is None, run.log[-3000:]
+        time.sleep(0.02)
+
+
+def stopped_line(number, step: int, workdir: str) -> str:
+    return (f"stopped on {signal.Signals(number).name}: saved step {step} in {workdir}/checkpoints; rerun the same "
+            "command to resume.")
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_the_current_step_and_the_rerun_equals_uninterrupted(tmp_path, mae_reference, compile_cache,
+                                                                         number):
+    workdir = str(tmp_path / "signalled")
+    run = Main(workdir, MAE, "--config.checkpoint_every_steps=0", cache=compile_cache)  # Saves only at the end.
+    wait_for_step(run, 4)
+    run.proc.send_signal(number)
+    time.sleep(0.3)
+    run.proc.send_signal(number)  # A second notice, while the first one's save is under way.
+    assert run.wait() == 75, run.log[-3000:]
+    saved = steps_on_disk(workdir)
+    assert len(saved) == 1 and 4 <= saved[0] < TOTAL, saved
+    assert run.last_line() == stopped_line(number, saved[0], workdir)
+    assert "Traceback" not in run.log
+    rerun = run_ok(workdir, MAE, "--config.checkpoint_every_steps=0", cache=compile_cache)
+    assert f"starting at step {saved[0]} of {TOTAL}" in rerun.log
+    assert_same_state(mae_reference, workdir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pair(workdir, cache, *overrides, peer_timeout_s=10) -> list:
+    """Processes 0 and 1 of a 2-process MAE run (one CPU device each)."""
+    port = free_port()
+    return [Main(workdir, MAE, *overrides, cache=cache, extra_flags=(
+        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+        f"--peer_timeout_s={peer_timeout_s}")) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_the_step_both_agree_on(tmp_path, compile_cache):
+    workdir = str(tmp_path / "pair")
+    runs = pair(workdir, compile_cache, "--config.checkpoint_every_steps=0")
+    wait_for_step(runs[1], 4)
+    runs[1].proc.send_signal(signal.SIGTERM)  # The notice reaches one host only.
+    assert [r.wait() for r in runs] == [75, 75], runs[0].log[-3000:]
+    saved = steps_on_disk(workdir)
+    assert len(saved) == 1 and 4 <= saved[0] < TOTAL, saved
+    assert [r.last_line() for r in runs] == [stopped_line(signal.SIGTERM, saved[0], workdir)] * 2
+    rerun = pair(workdir, compile_cache, "--config.checkpoint_every_steps=0")
+    assert [r.wait() for r in rerun] == [0, 0], rerun[0].log[-3000:]
+    assert f"starting at step {saved[0]} of {TOTAL}" in rerun[0].log
+
+
 # ---------------------------------------------------------------- corrupt, partial and foreign checkpoints ----
 
 
@@ -200,9 +265,15 @@ def remove_commit_marker(step_dir):
     os.remove(os.path.join(step_dir, "commit_success.txt"))
 
 
+def garble_manifest(step_dir):
+    with open(os.path.join(step_dir, "checksums.json"), "w") as f:
+        f.write('{"state/_METADATA": [12')
+
+
 @pytest.mark.parametrize("newest,second,reasons", [
     (write_random_bytes, remove_commit_marker, ("checksum mismatch in state/", "uncommitted")),
     (truncate, remove_metadata, ("truncated state/", "missing state/_METADATA")),
+    (garble_manifest, remove_commit_marker, ("garbled checksums.json", "uncommitted")),
 ])
 def test_corrupt_newest_checkpoints_are_set_aside_and_the_run_resumes(tmp_path, mae_reference, compile_cache,
                                                                       newest, second, reasons):
@@ -219,6 +290,17 @@ def test_corrupt_newest_checkpoints_are_set_aside_and_the_run_resumes(tmp_path, 
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints_corrupt"))) == sorted(
         f"{s}-{r.split()[0]}" for s, r in zip((TOTAL, TOTAL - 1), reasons))
     assert_same_state(mae_reference, workdir)  # Retrained the two lost steps exactly.
+
+
+def test_committed_step_without_manifest_restores_and_gets_one(tmp_path, mae_reference, compile_cache):
+    workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL - 1,))
+    step_dir = os.path.join(workdir, "checkpoints", str(TOTAL - 1))
+    os.remove(os.path.join(step_dir, "checksums.json"))  # Killed between orbax's commit and the manifest.
+    run = run_ok(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", cache=compile_cache)
+    assert f"Restored checkpoint {step_dir}" in run.log
+    with open(os.path.join(step_dir, "checksums.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(checkpoint.file_digests(step_dir)))
+    assert_same_state(mae_reference, workdir)
 
 
 def test_when_no_checkpoint_restores_the_error_lists_what_was_tried(tmp_path, mae_reference, compile_cache):
@@ -242,11 +324,61 @@ def test_when_no_checkpoint_restores_the_error_lists_what_was_tried(tmp_path, ma
 def test_checkpoint_of_another_config_is_one_line_naming_the_field(tmp_path, mae_reference, compile_cache, config,
                                                                    override, field):
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL,))
+    for name in ("config.json", "config_history.json"):  # A workdir without its run's config: the checkpoint tells.
+        os.remove(os.path.join(workdir, name))
     run = run_failing(workdir, config, *override, cache=compile_cache)
     assert run.last_line() == (f"error: Checkpoint {workdir}/checkpoints/{TOTAL} was written by another config: "
                                f"{field}; use a new --workdir, or the config (experiment, model size) that wrote it.")
     assert not re.search(r"\] \[1\] ", run.log)  # Stopped before training (and compiling) anything.
     assert steps_on_disk(workdir) == [TOTAL]  # A foreign checkpoint is not corrupt: left alone.
+
+
+def snapshot(workdir) -> dict:
+    """{relative path: bytes} of every file in the workdir."""
+    files = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                files[os.path.relpath(os.path.join(root, name), workdir)] = f.read()
+    return files
+
+
+def test_resume_that_changes_the_model_is_refused_and_leaves_the_workdir_as_it_was(tmp_path, mae_reference,
+                                                                                    compile_cache):
+    workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL,))
+    before = snapshot(workdir)
+    run = run_failing(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", "--config.model.size=tiny",
+                      "--config.model.decoder_heads=2", "--config.seed=5", cache=compile_cache)
+    assert run.last_line() == (
+        f"error: --workdir={workdir} holds a run of another model; this config changes model.decoder_heads 4 -> 2, "
+        "model.size 'mini' -> 'tiny', seed 0 -> 5. Drop the changes to model.decoder_heads, model.size to resume, "
+        "or use a new --workdir."), run.last_line()
+    assert snapshot(workdir) == before
+
+
+def test_resume_with_other_settings_goes_on_and_keeps_a_config_history(tmp_path, mae_reference, compile_cache):
+    workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL - 2,))
+    run = run_ok(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", "--config.seed=5", "--config.batch_size=8",
+                 cache=compile_cache)
+    warnings = [line for line in run.lines if "changed config" in line]
+    assert len(warnings) == 1 and warnings[0].rstrip().endswith(
+        "Resuming with a changed config: batch_size 16 -> 8, seed 0 -> 5 (kept in config_history.json)"), warnings
+    with open(os.path.join(workdir, "config_history.json")) as f:
+        history = json.load(f)
+    assert [(e["start_step"], e["config"]["seed"], e["config"]["batch_size"]) for e in history] == [
+        (0, 0, 16), (TOTAL - 2, 5, 8)]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["seed"] == 5
+
+
+def test_export_and_evaluation_read_the_geometry_saved_in_the_checkpoint(tmp_path, mae_reference):
+    from clmae_jax.evaluate import load
+    from clmae_jax.interop.__main__ import load_run
+    workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL,))
+    with open(os.path.join(workdir, "config.json"), "w") as f:  # As a later command might have rewritten it.
+        json.dump({"model": {"size": "tiny"}}, f)
+    assert load.load_run_encoder(workdir).num_heads == 4
+    assert load_run(workdir, -1)[0]["num_heads"] == 4
 
 
 # ---------------------------------------------------------------- non-finite training ---------------------------
