@@ -6,6 +6,7 @@ and comparing them bitwise with an uninterrupted run's.
 """
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -522,6 +523,9 @@ def mae_config(**changes):
     ("optimizer__b2", 1.0, "config.optimizer.b2=1.0 must be in [0, 1)"),
     ("optimizer__weight_decay", -0.1, "config.optimizer.weight_decay=-0.1 must be a number >= 0"),
     ("model__dtype", "float8", "config.model.dtype='float8' is not a known value"),
+    ("model__decoder_heads", 3, "config.model.decoder_heads=3 does not divide the width 64 into equal heads; use one "
+                                "of 1, 2, 4, 8, 16 (or change the width)."),
+    ("model__decoder_width", 0, "config.model.decoder_width=0 must be an integer >= 1"),
 ])
 def test_bad_config_values_are_one_line_naming_field_and_fix(field, value, message):
     config = mae_config(**{field: value})
@@ -576,3 +580,24 @@ def test_bad_config_value_through_main_is_one_line(tmp_path, compile_cache):
     run = run_failing(str(tmp_path / "bad"), MAE, "--config.mae.mask_ratio=1.5", cache=compile_cache)
     assert run.last_line() == ("error: config.mae.mask_ratio=1.5 must be strictly between 0 and 1; the MAE paper "
                                "uses 0.75.")
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious .pth does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_cvt_weights_are_one_line_and_run_nothing(tmp_path):
+    pytest.importorskip("torch")
+    from cbm_jax.interop import cvt_torch
+    path, marker = tmp_path / "cvt.pth", tmp_path / "ran"
+    path.write_bytes(pickle.dumps({"stage0.patch_embed.proj.weight": RunsCode(marker)}))
+    with pytest.raises(UserError, match=rf"^{path} is not a readable PyTorch weights file \(UnpicklingError: "
+                                        r".*\); give the CvT-13 \.pth of the model zoo\.$"):
+        cvt_torch.read_pth(str(path))
+    assert not marker.exists()
