@@ -50,7 +50,7 @@ def parse_flags(argv):
 def main(argv):
     """Sets up the runtime and hands the config to the experiment it names; every way it ends is one line."""
     del argv
-    from clmae_jax.runtime import console
+    from clmae_jax.runtime import console, peers
     if flags.FLAGS.config.experiment not in EXPERIMENTS:
         raise app.UsageError(f"Unknown config.experiment {flags.FLAGS.config.experiment!r}; use one of "
                              f"{sorted(EXPERIMENTS)}.")
@@ -61,6 +61,7 @@ def main(argv):
         run(flags.FLAGS.config, workdir, buffer)
     except Exception as e:  # Not a user's mistake: one line here, the traceback in the log file.
         logging.exception("Run failed")
+        peers.settle(flags.FLAGS.peer_timeout_s)  # On several processes a lost peer is the likelier cause.
         sys.exit(f"error: {type(e).__name__}: {console.one_line(e)} (the traceback is in "
                  f"{console.keep_in(workdir, buffer)}; please report it).")
 
@@ -70,7 +71,7 @@ def run(config, workdir: str, buffer):
     # Keep TensorFlow (input pipeline only) off the accelerators JAX owns.
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
-    from clmae_jax.runtime import console, lock, mesh, preemption, run_config, validate
+    from clmae_jax.runtime import console, lock, mesh, peers, preemption, run_config, validate
     from clmae_jax.runtime.checkpoint import CheckpointError
     from clmae_jax.runtime.errors import UserError
     try:
@@ -79,12 +80,15 @@ def run(config, workdir: str, buffer):
         validate.check_config(config, workdir)  # Before anything is built: a bad value fails in a second.
         with lock.acquire(workdir):
             run_config.check_resume(config, workdir)  # Before anything in the workdir changes.
-            console.keep_in(workdir, buffer)
+            peers.watch(workdir, console.keep_in(workdir, buffer), flags.FLAGS.peer_timeout_s)
             if config.experiment == "eval":  # Its own output folder; training records its config once restored.
                 run_config.record(config, workdir, 0)
             module, function = EXPERIMENTS[config.experiment]
             getattr(importlib.import_module(module), function)(config, workdir)
-    except (UserError, FloatingPointError, CheckpointError, NotImplementedError) as e:
+    except CheckpointError as e:
+        peers.settle(flags.FLAGS.peer_timeout_s)  # A lost peer fails saves too; its line says more.
+        sys.exit(f"error: {console.one_line(e)}")
+    except (UserError, FloatingPointError, NotImplementedError) as e:
         # Bad input or a diverged run: the message names the problem and the fix; a traceback would bury it.
         logging.info("Traceback of the error", exc_info=True)  # For the log file only.
         sys.exit(f"error: {console.one_line(e)}")

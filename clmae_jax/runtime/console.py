@@ -1,14 +1,16 @@
 """What a run prints and what it keeps: the console shows progress, metrics, warnings and at most one `error:`
-line; everything logged, library tracebacks included, goes to WORKDIR/main.log (main.<process>.log on processes
-other than 0).
+line; everything logged, library tracebacks and what native code (XLA, gloo, TensorFlow) writes to stderr included,
+goes to WORKDIR/main.log (main.<process>.log on processes other than 0).
 
 Records are held in memory until `keep_in(workdir)`, which main.py calls once the resume check passed: a refused
 resume leaves the workdir as it was.
 """
 import logging.handlers
 import os
+import sys
 
 import jax
+from absl import logging as absl_logging
 
 # Libraries whose INFO lines would drown the training log (orbax logs every file it writes).
 QUIET_LIBRARIES = ("/orbax/", "/jax/_src/")
@@ -54,7 +56,18 @@ def keep_in(workdir: str, buffer: logging.handlers.MemoryHandler) -> str:
     buffer.flush()
     logging.getLogger().removeHandler(buffer)
     logging.getLogger().addHandler(handler)
+    native_stderr_to(path)
     return path
+
+
+def native_stderr_to(path: str):
+    """Points file descriptor 2 (where C++ libraries write) at `path`; Python's stderr keeps the console."""
+    console = os.dup(2)
+    native = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(native, 2)
+    os.close(native)
+    sys.stderr = os.fdopen(console, "w", buffering=1)
+    absl_logging.get_absl_handler().python_handler.stream = sys.stderr
 
 
 def one_line(error: BaseException) -> str:
