@@ -49,8 +49,8 @@ def read_pth(path: str) -> dict:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for unreadable or unsafe files; all mean the same to the user.
-        raise UserError(f"{path} is not a readable PyTorch weights file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); give the CvT-13 .pth of the model zoo.") from e
+        raise UserError(f"{path} is not a PyTorch weights file holding only tensors ({type(e).__name__}); give the "
+                        "CvT-13 .pth of the model zoo.") from e
     return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state_dict.items()}
 
 
