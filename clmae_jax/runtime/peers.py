@@ -62,7 +62,7 @@ def watch(workdir: str, log_path: str, peer_timeout_s: int):
         os._exit(PEER_LOST_EXIT)
 
     handler = _HANDLER_TYPE(on_abort)
-    libc = ctypes.CDLL(None, use_errno=True)
+    libc = ctypes.CDLL(None)
     libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, _HANDLER_TYPE], ctypes.c_void_p
     libc.signal(signal.SIGABRT, handler)
     _installed.append(handler)
