@@ -31,27 +31,12 @@ flags.DEFINE_integer("peer_timeout_s", 120, "Seconds a process waits for a silen
                      "gone) before it stops with an error naming it, instead of hanging.")
 flags.mark_flags_as_required(["workdir"])
 
-# Libraries whose INFO lines would drown the training log (orbax logs every file it writes).
-QUIET_LIBRARIES = ("/orbax/", "/jax/_src/")
-
-
-class QuietLibraries(logging.logging.Filter):
-    """Drops INFO lines from QUIET_LIBRARIES; warnings and errors still pass."""
-
-    def filter(self, record):
-        return record.levelno > logging.logging.INFO or not any(q in record.pathname for q in QUIET_LIBRARIES)
-
-
-def one_line(error: BaseException) -> str:
-    """The last line of an exception's message (config-file errors embed a whole traceback)."""
-    lines = [line.strip() for line in str(error).replace("\\n", "\n").splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
-
 
 def parse_flags(argv):
     """absl flag parsing (default config when none is named); bad flags and unknown keys reported in one line."""
     if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
         argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+    from clmae_jax.runtime.console import one_line
     try:
         remaining = flags.FLAGS(argv)
         flags.FLAGS.config.keys()  # Loads the config file now, so its errors are reported here too.
@@ -63,32 +48,55 @@ def parse_flags(argv):
 
 
 def main(argv):
-    """Sets up the runtime and hands the config to the experiment it names."""
+    """Sets up the runtime and hands the config to the experiment it names; every way it ends is one line."""
     del argv
-    logging.get_absl_handler().addFilter(QuietLibraries())
+    from clmae_jax.runtime import console, peers
+    if flags.FLAGS.config.experiment not in EXPERIMENTS:
+        raise app.UsageError(f"Unknown config.experiment {flags.FLAGS.config.experiment!r}; use one of "
+                             f"{sorted(EXPERIMENTS)}.")
+    buffer = console.hold()
+    logging.get_absl_handler().addFilter(console.ConsoleFilter())
+    workdir = flags.FLAGS.workdir
+    try:
+        run(flags.FLAGS.config, workdir, buffer)
+    except Exception as e:  # Not a user's mistake: one line here, the traceback in the log file.
+        logging.exception("Run failed")
+        peers.settle(flags.FLAGS.peer_timeout_s)  # On several processes a lost peer is the likelier cause.
+        sys.exit(f"error: {type(e).__name__}: {console.one_line(e)} (the traceback is in "
+                 f"{console.keep_in(workdir, buffer)}; please report it).")
+
+
+def run(config, workdir: str, buffer):
+    """Checks the config against the workdir's run, then runs the experiment; user errors exit with one line."""
     # Keep TensorFlow (input pipeline only) off the accelerators JAX owns.
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
-    from clmae_jax.runtime import lock, mesh, validate
+    from clmae_jax.runtime import console, lock, mesh, peers, preemption, run_config, validate
     from clmae_jax.runtime.checkpoint import CheckpointError
     from clmae_jax.runtime.errors import UserError
-    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if config.experiment not in EXPERIMENTS:
-        raise app.UsageError(f"Unknown config.experiment {config.experiment!r}; use one of {sorted(EXPERIMENTS)}.")
     try:
         mesh.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                                     flags.FLAGS.process_id, flags.FLAGS.peer_timeout_s)
         validate.check_config(config, workdir)  # Before anything is built: a bad value fails in a second.
         with lock.acquire(workdir):
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
-            logging.info("Config:\n%s", config)
+            run_config.check_resume(config, workdir)  # Before anything in the workdir changes.
+            peers.watch(workdir, console.keep_in(workdir, buffer), flags.FLAGS.peer_timeout_s)
+            if config.experiment == "eval":  # Its own output folder; training records its config once restored.
+                run_config.record(config, workdir, 0)
             module, function = EXPERIMENTS[config.experiment]
             getattr(importlib.import_module(module), function)(config, workdir)
-    except (UserError, FloatingPointError, CheckpointError, NotImplementedError) as e:
+    except CheckpointError as e:
+        peers.settle(flags.FLAGS.peer_timeout_s)  # A lost peer fails saves too; its line says more.
+        sys.exit(f"error: {console.one_line(e)}")
+    except (UserError, FloatingPointError, NotImplementedError) as e:
         # Bad input or a diverged run: the message names the problem and the fix; a traceback would bury it.
-        # Other errors (shape bugs, crashes) keep their traceback.
-        sys.exit(f"error: {one_line(e)}")
+        logging.info("Traceback of the error", exc_info=True)  # For the log file only.
+        sys.exit(f"error: {console.one_line(e)}")
+    except preemption.Preempted as e:
+        print(f"stopped on {e}", file=sys.stderr)
+        sys.exit(preemption.PREEMPTED_EXIT)
+    except KeyboardInterrupt:  # Ctrl-C before training started (the loop saves and stops on its own).
+        sys.exit("interrupted before training started; nothing was saved.")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ foreign checkpoints, non-finite training, a full disk, a second run on the workd
 Every run is a subprocess of `python main.py`; "nothing lost" is checked by restoring final checkpoints into numpy
 and comparing them bitwise with an uninterrupted run's.
 """
+import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -20,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT
-from clmae_jax.runtime import lock, validate
+from clmae_jax.runtime import checkpoint, lock, validate
 from clmae_jax.runtime.errors import UserError
 from configs import cbm_fashion_mnist, clmae_fashion_mnist, mae_fashion_mnist
 
@@ -171,6 +173,70 @@ def test_kill_9_anywhere_then_rerun_equals_uninterrupted(tmp_path, compile_cache
     assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt")), kills  # Nothing set aside or lost.
 
 
+# ---------------------------------------------------------------- preemption: SIGTERM / SIGINT ------------------
+
+
+def wait_for_step(run: Main, step: int):
+    """Returns once `run` logged `step` (fails if it ended before)."""
+    while not any(re.search(rf"\] \[{step}\] ", line) for line in run.lines):
+        assert run.proc.poll() is None, run.log[-3000:]
+        time.sleep(0.02)
+
+
+def stopped_line(number, step: int, workdir: str) -> str:
+    return (f"stopped on {signal.Signals(number).name}: saved step {step} in {workdir}/checkpoints; rerun the same "
+            "command to resume.")
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_the_current_step_and_the_rerun_equals_uninterrupted(tmp_path, mae_reference, compile_cache,
+                                                                         number):
+    workdir = str(tmp_path / "signalled")
+    run = Main(workdir, MAE, "--config.checkpoint_every_steps=0", cache=compile_cache)  # Saves only at the end.
+    wait_for_step(run, 4)
+    run.proc.send_signal(number)
+    time.sleep(0.3)
+    run.proc.send_signal(number)  # A second notice, while the first one's save is under way.
+    assert run.wait() == 75, run.log[-3000:]
+    saved = steps_on_disk(workdir)
+    assert len(saved) == 1 and 4 <= saved[0] < TOTAL, saved
+    assert run.last_line() == stopped_line(number, saved[0], workdir)
+    assert "Traceback" not in run.log
+    rerun = run_ok(workdir, MAE, "--config.checkpoint_every_steps=0", cache=compile_cache)
+    assert f"starting at step {saved[0]} of {TOTAL}" in rerun.log
+    assert_same_state(mae_reference, workdir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pair(workdir, cache, *overrides, peer_timeout_s=10) -> list:
+    """Processes 0 and 1 of a 2-process MAE run (one CPU device each)."""
+    port = free_port()
+    return [Main(workdir, MAE, *overrides, cache=cache, extra_flags=(
+        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+        f"--peer_timeout_s={peer_timeout_s}")) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_the_step_both_agree_on(tmp_path, compile_cache):
+    workdir = str(tmp_path / "pair")
+    runs = pair(workdir, compile_cache, "--config.checkpoint_every_steps=0")
+    wait_for_step(runs[1], 4)
+    runs[1].proc.send_signal(signal.SIGTERM)  # The notice reaches one host only.
+    assert [r.wait() for r in runs] == [75, 75], runs[0].log[-3000:]
+    saved = steps_on_disk(workdir)
+    assert len(saved) == 1 and 4 <= saved[0] < TOTAL, saved
+    assert [r.last_line() for r in runs] == [stopped_line(signal.SIGTERM, saved[0], workdir)] * 2
+    rerun = pair(workdir, compile_cache, "--config.checkpoint_every_steps=0")
+    assert [r.wait() for r in rerun] == [0, 0], rerun[0].log[-3000:]
+    assert f"starting at step {saved[0]} of {TOTAL}" in rerun[0].log
+
+
 # ---------------------------------------------------------------- corrupt, partial and foreign checkpoints ----
 
 
@@ -200,9 +266,15 @@ def remove_commit_marker(step_dir):
     os.remove(os.path.join(step_dir, "commit_success.txt"))
 
 
+def garble_manifest(step_dir):
+    with open(os.path.join(step_dir, "checksums.json"), "w") as f:
+        f.write('{"state/_METADATA": [12')
+
+
 @pytest.mark.parametrize("newest,second,reasons", [
     (write_random_bytes, remove_commit_marker, ("checksum mismatch in state/", "uncommitted")),
     (truncate, remove_metadata, ("truncated state/", "missing state/_METADATA")),
+    (garble_manifest, remove_commit_marker, ("garbled checksums.json", "uncommitted")),
 ])
 def test_corrupt_newest_checkpoints_are_set_aside_and_the_run_resumes(tmp_path, mae_reference, compile_cache,
                                                                       newest, second, reasons):
@@ -219,6 +291,17 @@ def test_corrupt_newest_checkpoints_are_set_aside_and_the_run_resumes(tmp_path, 
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints_corrupt"))) == sorted(
         f"{s}-{r.split()[0]}" for s, r in zip((TOTAL, TOTAL - 1), reasons))
     assert_same_state(mae_reference, workdir)  # Retrained the two lost steps exactly.
+
+
+def test_committed_step_without_manifest_restores_and_gets_one(tmp_path, mae_reference, compile_cache):
+    workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL - 1,))
+    step_dir = os.path.join(workdir, "checkpoints", str(TOTAL - 1))
+    os.remove(os.path.join(step_dir, "checksums.json"))  # Killed between orbax's commit and the manifest.
+    run = run_ok(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", cache=compile_cache)
+    assert f"Restored checkpoint {step_dir}" in run.log
+    with open(os.path.join(step_dir, "checksums.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(checkpoint.file_digests(step_dir)))
+    assert_same_state(mae_reference, workdir)
 
 
 def test_when_no_checkpoint_restores_the_error_lists_what_was_tried(tmp_path, mae_reference, compile_cache):
@@ -242,11 +325,61 @@ def test_when_no_checkpoint_restores_the_error_lists_what_was_tried(tmp_path, ma
 def test_checkpoint_of_another_config_is_one_line_naming_the_field(tmp_path, mae_reference, compile_cache, config,
                                                                    override, field):
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL,))
+    for name in ("config.json", "config_history.json"):  # A workdir without its run's config: the checkpoint tells.
+        os.remove(os.path.join(workdir, name))
     run = run_failing(workdir, config, *override, cache=compile_cache)
     assert run.last_line() == (f"error: Checkpoint {workdir}/checkpoints/{TOTAL} was written by another config: "
                                f"{field}; use a new --workdir, or the config (experiment, model size) that wrote it.")
     assert not re.search(r"\] \[1\] ", run.log)  # Stopped before training (and compiling) anything.
     assert steps_on_disk(workdir) == [TOTAL]  # A foreign checkpoint is not corrupt: left alone.
+
+
+def snapshot(workdir) -> dict:
+    """{relative path: bytes} of every file in the workdir."""
+    files = {}
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                files[os.path.relpath(os.path.join(root, name), workdir)] = f.read()
+    return files
+
+
+def test_resume_that_changes_the_model_is_refused_and_leaves_the_workdir_as_it_was(tmp_path, mae_reference,
+                                                                                    compile_cache):
+    workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL,))
+    before = snapshot(workdir)
+    run = run_failing(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", "--config.model.size=tiny",
+                      "--config.model.decoder_heads=2", "--config.seed=5", cache=compile_cache)
+    assert run.last_line() == (
+        f"error: --workdir={workdir} holds a run of another model; this config changes model.decoder_heads 4 -> 2, "
+        "model.size 'mini' -> 'tiny', seed 0 -> 5. Drop the changes to model.decoder_heads, model.size to resume, "
+        "or use a new --workdir."), run.last_line()
+    assert snapshot(workdir) == before
+
+
+def test_resume_with_other_settings_goes_on_and_keeps_a_config_history(tmp_path, mae_reference, compile_cache):
+    workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL - 2,))
+    run = run_ok(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", "--config.seed=5", "--config.batch_size=8",
+                 cache=compile_cache)
+    warnings = [line for line in run.lines if "changed config" in line]
+    assert len(warnings) == 1 and warnings[0].rstrip().endswith(
+        "Resuming with a changed config: batch_size 16 -> 8, seed 0 -> 5 (kept in config_history.json)"), warnings
+    with open(os.path.join(workdir, "config_history.json")) as f:
+        history = json.load(f)
+    assert [(e["start_step"], e["config"]["seed"], e["config"]["batch_size"]) for e in history] == [
+        (0, 0, 16), (TOTAL - 2, 5, 8)]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["seed"] == 5
+
+
+def test_export_and_evaluation_read_the_geometry_saved_in_the_checkpoint(tmp_path, mae_reference):
+    from clmae_jax.evaluate import load
+    from clmae_jax.interop.__main__ import load_run
+    workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL,))
+    with open(os.path.join(workdir, "config.json"), "w") as f:  # As a later command might have rewritten it.
+        json.dump({"model": {"size": "tiny"}}, f)
+    assert load.load_run_encoder(workdir).num_heads == 4
+    assert load_run(workdir, -1)[0]["num_heads"] == 4
 
 
 # ---------------------------------------------------------------- non-finite training ---------------------------
@@ -317,36 +450,28 @@ def test_lock_refuses_a_live_holder_and_takes_over_from_a_dead_one(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("victim", [1])
-def test_lost_peer_ends_the_other_process_in_bounded_time_and_both_resume(tmp_path, compile_cache, victim):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+@pytest.mark.parametrize("victim", [1, 0], ids=["peer", "coordinator"])
+def test_lost_process_ends_the_survivor_with_one_line_and_both_resume(tmp_path, compile_cache, victim):
     workdir = str(tmp_path / "multi")
-
-    def pair(port):
-        return [Main(workdir, MAE, cache=compile_cache, extra_flags=(
-            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
-            "--peer_timeout_s=10")) for i in range(2)]
-
-    runs = pair(port)
-    while not any(re.search(r"\] \[3\] ", line) for line in runs[victim].lines):
-        assert runs[victim].proc.poll() is None, runs[victim].log[-3000:]
-        time.sleep(0.05)
+    runs = pair(workdir, compile_cache)
+    wait_for_step(runs[victim], 3)
     runs[victim].proc.send_signal(signal.SIGKILL)
     killed_at = time.time()
     survivor = runs[1 - victim]
-    assert survivor.wait(timeout=120) != 0
-    assert time.time() - killed_at < 60, "the surviving process did not notice its lost peer in time"
-    assert re.search(rf"stopped sending heartbeats\):\s*{victim}\b", survivor.log), survivor.log[-3000:]
+    assert survivor.wait(timeout=120) == 69, survivor.log[-3000:]
+    assert time.time() - killed_at < 10 + 5, "the survivor did not end within --peer_timeout_s"
     runs[victim].wait()
     saved = max(steps_on_disk(workdir))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rerun = pair(port)
+    lost = "process 1" if victim else "process 0 (the coordinator)"
+    assert survivor.last_line() == (
+        f"error: lost {lost} of this 2-process run (killed, preempted or its host gone; silent for up to 10 s). "
+        f"Last committed checkpoint: step {saved} in {workdir}/checkpoints; rerun every process to resume from it.")
+    assert [line for line in survivor.lines if line.startswith("error:")] == [survivor.lines[-1]]
+    assert not re.search(r"Traceback|Check failure|Fatal Python error", survivor.log)
+    rerun = pair(workdir, compile_cache)
     assert [r.wait() for r in rerun] == [0, 0], rerun[0].log[-3000:]
     assert f"starting at step {saved} of {TOTAL}" in rerun[0].log
+    assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]  # Half-written: cleaned.
 
 
 # ---------------------------------------------------------------- bad config values -----------------------------
@@ -390,6 +515,9 @@ def mae_config(**changes):
     ("optimizer__b2", 1.0, "config.optimizer.b2=1.0 must be in [0, 1)"),
     ("optimizer__weight_decay", -0.1, "config.optimizer.weight_decay=-0.1 must be a number >= 0"),
     ("model__dtype", "float8", "config.model.dtype='float8' is not a known value"),
+    ("model__decoder_heads", 3, "config.model.decoder_heads=3 does not divide the width 64 into equal heads; use one "
+                                "of 1, 2, 4, 8, 16 (or change the width)."),
+    ("model__decoder_width", 0, "config.model.decoder_width=0 must be an integer >= 1"),
 ])
 def test_bad_config_values_are_one_line_naming_field_and_fix(field, value, message):
     config = mae_config(**{field: value})
@@ -444,3 +572,24 @@ def test_bad_config_value_through_main_is_one_line(tmp_path, compile_cache):
     run = run_failing(str(tmp_path / "bad"), MAE, "--config.mae.mask_ratio=1.5", cache=compile_cache)
     assert run.last_line() == ("error: config.mae.mask_ratio=1.5 must be strictly between 0 and 1; the MAE paper "
                                "uses 0.75.")
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious .pth does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_cvt_weights_are_one_line_and_run_nothing(tmp_path):
+    pytest.importorskip("torch")
+    from cbm_jax.interop import cvt_torch
+    path, marker = tmp_path / "cvt.pth", tmp_path / "ran"
+    path.write_bytes(pickle.dumps({"stage0.patch_embed.proj.weight": RunsCode(marker)}))
+    with pytest.raises(UserError, match=rf"^{path} is not a PyTorch weights file holding only tensors "
+                                        r"\(UnpicklingError\); give the CvT-13 \.pth of the model zoo\.$"):
+        cvt_torch.read_pth(str(path))
+    assert not marker.exists()

@@ -45,14 +45,16 @@ def test_health_names_the_first_non_finite_step_and_what():
     health = loop.Health("stop")
     params = {"w": jnp.ones(3)}
     health.update(1, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(2.0)}, params)
-    health.check()
+    health.check(None)
     health.update(2, {"loss": jnp.float32(np.nan), "grad_norm": jnp.float32(np.inf)}, params)
     health.update(3, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(1.0)}, {"w": jnp.full(3, np.nan)})
-    with pytest.raises(FloatingPointError, match="Non-finite grad_norm, loss at step 2"):
-        health.check()
+    with pytest.raises(FloatingPointError, match=r"Non-finite grad_norm, loss at step 2.*No checkpoint was saved\.$"):
+        health.check(None)
+    with pytest.raises(FloatingPointError, match=r"Checkpoint step 1 is untouched\.$"):
+        health.check(1)
     skipping = loop.Health("skip")  # Skipped updates are expected to be non-finite; only parameters count.
     skipping.update(1, {"loss": jnp.float32(np.nan), "skipped_update": jnp.float32(1.0)}, params)
-    skipping.check()
+    skipping.check(None)
     assert skipping.skipped() == 1.0
     with pytest.raises(ValueError, match="config.nonfinite"):
         loop.Health("ignore")

@@ -46,7 +46,11 @@ HF_TO_OFFICIAL = (
 def read_pth(path: str) -> dict:
     """A .pth state dict as {name: float32 or integer numpy array}; the only place torch is imported."""
     import torch  # pylint: disable=g-import-not-at-top  # Weight import only, never the runtime.
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for unreadable or unsafe files; all mean the same to the user.
+        raise UserError(f"{path} is not a PyTorch weights file holding only tensors ({type(e).__name__}); give the "
+                        "CvT-13 .pth of the model zoo.") from e
     return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state_dict.items()}
 
 

@@ -16,19 +16,10 @@ import orbax.checkpoint as ocp
 from clmae_jax.evaluate.encoder import (RAW_PIXELS, Encoder, Geometry, check_geometry, config_geometry,
                                        encoder_params, raw_pixels)
 from clmae_jax.models.vit import vit_size
-from clmae_jax.runtime.checkpoint import COMMIT_MARKER, checkpoints_directory
+from clmae_jax.runtime.checkpoint import checkpoints_directory, committed_steps
 from clmae_jax.runtime.errors import MissingInputError, UserError
 
 ENCODER_KEYS = ("patch_embed", "cls_token", "encoder")
-
-
-def committed_steps(checkpoints_dir: str) -> list:
-    """Steps under WORKDIR/checkpoints that orbax finished writing, oldest first."""
-    if not os.path.isdir(checkpoints_dir):
-        return []
-    steps = [int(n) for n in os.listdir(checkpoints_dir)
-             if n.isdigit() and os.path.exists(os.path.join(checkpoints_dir, n, COMMIT_MARKER))]
-    return sorted(steps)
 
 
 def resolve_step_folder(path: str, step: int = -1) -> tuple[str, str, int]:
@@ -51,8 +42,16 @@ def is_workdir_or_step(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "state"))
 
 
-def read_train_config(workdir: str) -> ml_collections.ConfigDict:
-    """The training config a run saved in WORKDIR/config.json."""
+def read_train_config(workdir: str, step_folder: str) -> ml_collections.ConfigDict:
+    """The training config of a checkpoint: saved in it (metadata/metadata), or for checkpoints written before
+    that, the WORKDIR/config.json of its run."""
+    try:
+        with open(os.path.join(step_folder, "metadata", "metadata")) as f:
+            saved = json.load(f).get("config")
+    except (OSError, ValueError):
+        saved = None
+    if saved:
+        return ml_collections.ConfigDict(saved)
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise MissingInputError(f"{path} not found: the encoder's geometry (ViT size) is unknown; the run's workdir "
@@ -92,14 +91,15 @@ def restore_encoder_params(step_folder: str) -> dict:
 
 
 def load_run_encoder(path: str, step: int = -1) -> Encoder:
-    """The encoder of an MAE / CL-MAE workdir or step folder, geometry checked against its config.json."""
+    """The encoder of an MAE / CL-MAE workdir or step folder, geometry checked against the config it was saved
+    with."""
     workdir, folder, step = resolve_step_folder(path, step)
-    train_config = read_train_config(workdir)
+    train_config = read_train_config(workdir, folder)
     params = restore_encoder_params(folder)
     encoder = Encoder(name=f"{workdir}@{step}", params=params, num_heads=vit_size(train_config.model.size)["num_heads"],
                       mean=tuple(train_config.input.mean), std=tuple(train_config.input.std), step=step)
     check_geometry(encoder.geometry, f"checkpoint {folder}", config_geometry(train_config),
-                   f"its run's config.json (model.size {train_config.model.size!r})")
+                   f"its training config (model.size {train_config.model.size!r})")
     return encoder
 
 

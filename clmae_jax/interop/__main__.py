@@ -28,9 +28,9 @@ FORMATS = ("fbmae", "hf", "npz")
 
 
 def load_run(path: str, step: int) -> tuple:
-    """(geometry, params) of one of our runs (MAE, CL-MAE or ViT classifier), the geometry from its config.json."""
+    """(geometry, params) of one of our runs (MAE, CL-MAE or ViT classifier), the geometry from its training config."""
     workdir, folder, _ = resolve_step_folder(path, step)
-    config = read_train_config(workdir)
+    config = read_train_config(workdir, folder)
     params = restore_params(folder)
     if config.model.get("name") == "vit":  # A supervised / fine-tuning run of the ViT classifier.
         geometry = classifier_params_geometry(params, image_size=config.input.image_size,

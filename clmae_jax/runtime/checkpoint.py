@@ -52,15 +52,27 @@ def write_manifest(folder: str):
     os.replace(tmp, os.path.join(folder, MANIFEST))
 
 
+def read_manifest(path: str):
+    """{relative path: [size, crc32]} of a manifest; None when it is not one (garbled, cut short)."""
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    valid = isinstance(manifest, dict) and all(isinstance(v, list) and len(v) == 2 for v in manifest.values())
+    return manifest if valid else None
+
+
 def integrity_problem(folder: str) -> str | None:
     """Why the step folder is not a complete, intact checkpoint; None when it is (or has no manifest to check)."""
     if not os.path.exists(os.path.join(folder, COMMIT_MARKER)):
         return f"uncommitted (no {COMMIT_MARKER})"
     path = os.path.join(folder, MANIFEST)
     if not os.path.exists(path):
-        return None  # Killed between orbax's commit and the manifest: orbax's marker is all there is to go on.
-    with open(path) as f:
-        expected = json.load(f)
+        return None  # Killed between orbax's commit and the manifest: restore reads it, then writes the manifest.
+    expected = read_manifest(path)
+    if expected is None:
+        return f"garbled {MANIFEST}"
     for rel, (size, _) in sorted(expected.items()):  # Sizes first: cheap, and names truncation as such.
         file = os.path.join(folder, rel)
         if not os.path.exists(file):
@@ -114,6 +126,15 @@ def io_reason(error: BaseException) -> str:
 def checkpoints_directory(workdir: str) -> str:
     """Where a run's step folders live: WORKDIR/checkpoints."""
     return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def committed_steps(checkpoints_dir: str) -> list:
+    """Steps under WORKDIR/checkpoints that orbax finished writing, oldest first."""
+    if not os.path.isdir(checkpoints_dir):
+        return []
+    steps = [int(n) for n in os.listdir(checkpoints_dir)
+             if n.isdigit() and os.path.exists(os.path.join(checkpoints_dir, n, COMMIT_MARKER))]
+    return sorted(steps)
 
 
 class Checkpointer:
@@ -186,6 +207,7 @@ class Checkpointer:
                 failed.append((candidate, reason))
                 continue
             self.set_aside(failed)
+            self.add_missing_manifest(candidate)
             logging.info("Restored checkpoint %s%s", self.step_folder(candidate),
                          ", the newest that reads back" if failed else "")
             return restored["state"], restored["metadata"]
@@ -206,6 +228,12 @@ class Checkpointer:
             raise UserError(f"Checkpoint {self.step_folder(step)} was written by another config: {mismatch}; "
                             "use a new --workdir, or the config (experiment, model size) that wrote it.")
         return None
+
+    def add_missing_manifest(self, step: int):
+        """Checksums a step that restored but has none (a run killed between orbax's commit and the manifest)."""
+        if jax.process_index() == 0 and not os.path.exists(os.path.join(self.step_folder(step), MANIFEST)):
+            write_manifest(self.step_folder(step))
+            logging.info("Wrote the missing %s of checkpoint step %d", MANIFEST, step)
 
     def describe(self, failed) -> str:
         """'step 6 (reason), step 5 (reason)'."""

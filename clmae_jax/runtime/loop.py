@@ -5,6 +5,7 @@ for logging, pictures, evaluators and checkpoints; a non-finite guard on every s
 log and every save; progress with steps/s and ETA; resume from the latest checkpoint.
 """
 import dataclasses
+import functools
 import math
 import time
 
@@ -14,7 +15,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib, metrics, optim
+from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib, metrics, optim, preemption, run_config
 from clmae_jax.runtime.errors import UserError
 
 NONFINITE_MODES = ("stop", "skip")
@@ -132,8 +133,9 @@ class Health:
             self.state = {"first": {k: jnp.int32(-1) for k in keys}, "skipped": jnp.float32(0)}
         self.state = _update_health(self.state, jnp.int32(step), measurements, params)
 
-    def check(self):
-        """Raises FloatingPointError naming the first non-finite step and what went non-finite."""
+    def check(self, saved_step: int | None):
+        """Raises FloatingPointError naming the first non-finite step and what went non-finite (and `saved_step`,
+        the newest checkpoint, which holds none of it)."""
         if self.state is None:
             return
         first = {k: int(v) for k, v in jax.device_get(self.state["first"]).items()
@@ -142,9 +144,10 @@ class Health:
         if bad:
             step = min(bad.values())
             names = ", ".join(sorted(k for k, s in bad.items() if s == step))
+            kept = "No checkpoint was saved" if saved_step is None else f"Checkpoint step {saved_step} is untouched"
             raise FloatingPointError(
                 f"Non-finite {names} at step {step}; lower the learning rate, use float32 compute, or set "
-                "config.nonfinite='skip'. The last checkpoint is untouched.")
+                f"config.nonfinite='skip'. {kept}.")
 
     def skipped(self) -> float:
         """Number of updates dropped so far by the 'skip' mode."""
@@ -179,7 +182,6 @@ class Run:
     mesh: object
     source: data.Source
     budget: Budget
-    writer: object
     checkpointer: checkpoint.Checkpointer
 
     @classmethod
@@ -192,8 +194,12 @@ class Run:
         logging.info("%d examples, %d steps/epoch, %d steps; batch %d global, %d per process, %d per device",
                      source.num_examples, budget.steps_per_epoch, budget.total_steps, config.batch_size,
                      config.batch_size // jax.process_count(), config.batch_size // jax.device_count())
-        return cls(config, workdir, mesh, source, budget, metrics.create_writer(workdir),
-                   checkpoint.Checkpointer(workdir, config.keep_checkpoints))
+        return cls(config, workdir, mesh, source, budget, checkpoint.Checkpointer(workdir, config.keep_checkpoints))
+
+    @functools.cached_property
+    def writer(self):
+        """The metrics writer, created at its first use: after the restore, so a refused resume writes nothing."""
+        return metrics.create_writer(self.workdir)
 
     def restore_or(self, experiment) -> tuple[object, dict]:
         """(state, metadata) of the latest checkpoint in the workdir, or a fresh state and {}."""
@@ -223,8 +229,26 @@ class Run:
 
     def close(self):
         """Flushes writers and waits for pending checkpoints."""
-        self.writer.flush()
+        if "writer" in self.__dict__:
+            self.writer.flush()
         self.checkpointer.close()
+
+    def save(self, experiment, health, step: int, state, results: dict):
+        """Checks the run is finite, then checkpoints `step` (in the background) with its metadata and config."""
+        health.check(self.checkpointer.latest_step())
+        metadata = {"step": step, "epoch": self.budget.epoch(step), "results": results,
+                    "config": run_config.as_dict(self.config), **experiment.checkpoint_metadata(step)}
+        self.checkpointer.save(step, state, metadata)
+
+    def stop_if_preempted(self, watch, experiment, health, step: int, state, results: dict, saved: bool):
+        """After a signal: saves `step` unless just saved, waits for it to be committed, raises Preempted."""
+        if not watch.reached(step):
+            return
+        watch.hold()  # A second signal must not cut the save short.
+        if not saved:
+            self.save(experiment, health, step, state, results)
+        self.checkpointer.finish()
+        raise preemption.Preempted(step, self.checkpointer.directory, watch.signal_name)
 
 
 def record(results: dict, scalars: dict, best_key: str, step: int, epoch: int) -> dict:
@@ -257,31 +281,32 @@ def train(config, workdir: str, experiment_cls):
     experiment = experiment_cls(config, run.mesh, run.budget)
     state, metadata = run.restore_or(experiment)
     results, start = metadata.get("results", {}), int(state.step)
+    run_config.record(config, workdir, start)  # Only now: the checkpoint was found to be this config's.
     logging.info("%s; starting at step %d of %d", experiment.describe(state), start, run.budget.total_steps)
 
     health, last = Health(config.get("nonfinite", "stop")), run.last_step()
     progress, timer = metrics.progress(run.budget.total_steps, run.writer, config.log_every_steps), StepTimer(start)
-    try:
-        for step, batch in zip(range(start + 1, last + 1), run.batches(start)):
-            logging_step = itstime(step, config.log_every_steps, last)
-            probed = experiment.probe(state, batch, step) if logging_step else {}
-            state, measurements = experiment.train_step(state, batch, step)
-            health.update(step, measurements, state.params)
-            progress(step)
-            if logging_step:
-                health.check()
-                skipped = {"skipped_updates": health.skipped()} if health.mode == "skip" else {}
-                run.log(step, {**probed, **measurements, **skipped}, timer.seconds_per_step(step))
-            if itstime(step, config.image_every_steps, last):
-                metrics.write_images(run.writer, workdir, step, experiment.summaries(state, step))
-            results = run_evaluators(run, experiment, state, step, results)
-            if itstime(step, config.checkpoint_every_steps, last):
-                health.check()
-                metadata = {"step": step, "epoch": run.budget.epoch(step), "results": results,
-                            **experiment.checkpoint_metadata(step)}
-                run.checkpointer.save(step, state, metadata)
-    finally:  # Also on an error: a checkpoint still being written is finished, never left half done.
-        run.close()
+    with preemption.Watch() as watch:
+        try:
+            for step, batch in zip(range(start + 1, last + 1), run.batches(start)):
+                logging_step = itstime(step, config.log_every_steps, last)
+                probed = experiment.probe(state, batch, step) if logging_step else {}
+                state, measurements = experiment.train_step(state, batch, step)
+                health.update(step, measurements, state.params)
+                progress(step)
+                if logging_step:
+                    health.check(run.checkpointer.latest_step())
+                    skipped = {"skipped_updates": health.skipped()} if health.mode == "skip" else {}
+                    run.log(step, {**probed, **measurements, **skipped}, timer.seconds_per_step(step))
+                if itstime(step, config.image_every_steps, last):
+                    metrics.write_images(run.writer, workdir, step, experiment.summaries(state, step))
+                results = run_evaluators(run, experiment, state, step, results)
+                saved = itstime(step, config.checkpoint_every_steps, last)
+                if saved:
+                    run.save(experiment, health, step, state, results)
+                run.stop_if_preempted(watch, experiment, health, step, state, results, saved)
+        finally:  # Also on an error or a signal: a checkpoint still being written is finished, never left half done.
+            run.close()
     return state, results
 
 

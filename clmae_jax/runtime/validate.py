@@ -8,6 +8,7 @@ import tempfile
 
 import jax
 
+from clmae_jax.models.vit import vit_size
 from clmae_jax.runtime.errors import UserError
 
 NAMES = {  # Field -> accepted values (the modules that read them raise the same lists).
@@ -46,6 +47,9 @@ AT_LEAST = {
     "clmae.curriculum_stages": (0, "use 0 for one stage per epoch"),
     "clmae.masker_depth": (1, "give the number of masking-module blocks"),
     "clmae.masker_heads": (1, "give the number of attention heads"),
+    "model.decoder_width": (1, "give the decoder's width"),
+    "model.decoder_depth": (1, "give the number of decoder blocks"),
+    "model.decoder_heads": (1, "give the number of attention heads"),
     "cbm.grid": (1, "give the cells per side (4 in the paper)"),
 }
 
@@ -158,6 +162,20 @@ def check_model(config):
         fail("clmae.target_keep_ratio", keep, "must be in (0, 1]", "the official code uses 0.25")
 
 
+def check_heads(config):
+    """Attention heads split their width evenly: the MAE decoder, and CL-MAE's masking module (encoder width)."""
+    size = get(config, "model.size")
+    if size is None or get(config, "model.name") not in (None, "vit"):
+        return
+    for field, width in (("model.decoder_heads", get(config, "model.decoder_width")),
+                         ("clmae.masker_heads", vit_size(size)["width"])):
+        heads = get(config, field)
+        if heads is not None and width is not None and width % heads:
+            divisors = [h for h in range(1, 17) if width % h == 0]
+            fail(field, heads, f"does not divide the width {width} into equal heads",
+                 f"use one of {', '.join(map(str, divisors))} (or change the width)")
+
+
 def check_workdir(workdir: str):
     """The workdir exists or can be made, and takes files."""
     try:
@@ -176,5 +194,6 @@ def check_config(config, workdir: str | None = None):
     check_batch(config)
     check_input(config)
     check_model(config)
+    check_heads(config)
     if workdir is not None:
         check_workdir(workdir)
