@@ -133,7 +133,7 @@ class MaskedAutoencoder(nn.Module):
         patches = jnp.take_along_axis(jnp.concatenate([visible, mask_tokens], axis=1), ids_restore[..., None], axis=1)
         grid = int(round(length ** 0.5))
         patches = patches + jnp.asarray(sincos_2d(self.decoder_width, grid), x.dtype)[None]
-        x = self.decoder(jnp.concatenate([cls, patches], axis=1))["encoded"]
+        x = self.decoder.norm(self.decoder(jnp.concatenate([cls, patches], axis=1)))
         return self.decoder_pred(x[:, 1:])
 
     def __call__(self, images, keep_scores, num_keep: int):

@@ -28,8 +28,9 @@ class CurriculumMasker(nn.Module):
         # Transformer's final LayerNorm is the head's LayerNorm: MaskingNet has no norm after its blocks, only
         # `mlp_head = LayerNorm -> Linear -> Sigmoid`, and LayerNorm acts per token, so normalising every token
         # and reading the CLS equals normalising the CLS alone.
-        x = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, remat=self.remat,
-                        name="blocks")(x)["encoded"]
+        blocks = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, remat=self.remat,
+                             name="blocks")
+        x = blocks.norm(blocks(x))
         # The head runs in float32 so the probabilities (and the losses built on them) keep full precision.
         logits = nn.Dense(num_tokens, kernel_init=dense_init, dtype=jnp.float32, name="head")(
             x[:, 0].astype(jnp.float32))

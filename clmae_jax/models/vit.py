@@ -173,9 +173,9 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of `depth` pre-norm blocks followed by a final LayerNorm (unless `final_norm` is False).
+    """A stack of `depth` pre-norm blocks (`__call__`: the last block's tokens) and its final LayerNorm `norm`,
+    which the owner applies (created only when applied: MAE fine-tuning's global pool drops it).
 
-    Returns big_vision's `out` dict: {"pre_norm": the last block's tokens, "encoded": after the final LayerNorm}.
     `remat` recomputes each block's activations in the backward pass: less memory for ViT-L/H, same numbers.
     `drop_path` is the last block's stochastic-depth rate, rising linearly from 0 at the first block (as timm).
     """
@@ -189,19 +189,19 @@ class Transformer(nn.Module):
     remat: bool = False
     drop_path: float = 0.0
     deterministic: bool = True
-    final_norm: bool = True
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
         block = nn.remat(Block) if self.remat else Block
-        rates = np.linspace(0.0, self.drop_path, self.depth)
+        for i, rate in enumerate(np.linspace(0.0, self.drop_path, self.depth)):
+            # Named block0, block1, ... (fb/mae's blocks.0, blocks.1, ...), hence setattr.
+            setattr(self, f"block{i}", block(self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype,
+                                             self.attention, float(rate), self.deterministic))
+        self.norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
+
+    def __call__(self, x):
         for i in range(self.depth):
-            x = block(self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, self.attention, float(rates[i]),
-                      self.deterministic, name=f"block{i}")(x)
-        out = {"pre_norm": x}
-        if self.final_norm:
-            out["encoded"] = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x)
-        return out
+            x = getattr(self, f"block{i}")(x)
+        return x
 
 
 class ClsToken(nn.Module):
@@ -234,7 +234,8 @@ class ViTEncoder(nn.Module):
     `__call__(images)` = `encode(embed(images))`; the MAE masks tokens between the two. A parent shares its scope
     (`nn.share_scope`), so the parameters keep the MAE encoder's names: patch_embed, cls_token, [pos_embed,] encoder.
     pos_embed: "sincos" (fixed, added in `embed`, before masking) or "learned" (fine-tuning: a table over the CLS
-    and every patch, added in `encode`). See `Transformer` for remat, drop_path and final_norm.
+    and every patch, added in `encode`). See `Transformer` for remat and drop_path; `final_norm` False leaves the
+    final LayerNorm out (MAE fine-tuning's global pool) and "encoded" out of `encode`'s dict.
     """
 
     patch_size: int
@@ -260,7 +261,7 @@ class ViTEncoder(nn.Module):
             self.positions = LearnedPositions(name="pos_embed")
         self.encoder = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype,
                                    attention=self.attention, remat=self.remat, drop_path=self.drop_path,
-                                   deterministic=self.deterministic, final_norm=self.final_norm)
+                                   deterministic=self.deterministic)
 
     def embed(self, images):
         """Patch embedding plus fixed 2-D sin-cos positions: the tokens before masking, [B, L, D]."""
@@ -275,7 +276,10 @@ class ViTEncoder(nn.Module):
         x = self.cls_token(tokens)
         if self.pos_embed == "learned":
             x = self.positions(x)
-        return self.encoder(x)
+        out = {"pre_norm": self.encoder(x)}
+        if self.final_norm:
+            out["encoded"] = self.encoder.norm(out["pre_norm"])
+        return out
 
     def __call__(self, images):
         return self.encode(self.embed(images))
