@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clmae_jax.models.vit import ViTEncoder, pool, vit_size
+from clmae_jax.models.vit import ViTEncoder, pool_features, vit_size
 from clmae_jax.runtime import data
 from clmae_jax.runtime.errors import UserError
 
@@ -73,7 +73,7 @@ class Features(nn.Module):
 
     def __call__(self, images):
         out = jax.tree.map(lambda x: x.astype(jnp.float32), self.vit(images))
-        return {kind: pool(out, kind, fresh_layer_norm) for kind in POOLS}
+        return {kind: pool_features(out, kind, fresh_layer_norm) for kind in POOLS}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,8 @@ classifiers (fb/mae, timm, Hugging Face ViTForImageClassification). `save_fbmae`
 """
 from clmae_jax.interop.classifier_torch import (classifier_params_geometry, load_torch_weights, save_classifier_fbmae,
                                                 save_classifier_hf)
-from clmae_jax.interop.mae_torch import (build_mae, load_pretrained, params_geometry, save_fbmae, save_hf,
-                                         to_fbmae_state_dict)
+from clmae_jax.interop.mae_torch import build_mae, load_pretrained, save_fbmae, save_hf, to_fbmae_state_dict
+from clmae_jax.interop.shapes import params_geometry
 
 __all__ = ["build_mae", "classifier_params_geometry", "load_pretrained", "load_torch_weights", "params_geometry",
            "save_classifier_fbmae", "save_classifier_hf", "save_fbmae", "save_hf", "to_fbmae_state_dict"]

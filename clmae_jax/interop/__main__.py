@@ -20,7 +20,8 @@ import numpy as np
 from clmae_jax.evaluate.load import is_workdir_or_step, read_train_config, resolve_step_folder, restore_params
 from clmae_jax.interop.classifier_torch import (classifier_params_geometry, load_torch_weights,
                                                 save_classifier_fbmae, save_classifier_hf)
-from clmae_jax.interop.mae_torch import params_geometry, save_fbmae, save_hf
+from clmae_jax.interop.mae_torch import save_fbmae, save_hf
+from clmae_jax.interop.shapes import params_geometry
 from clmae_jax.models.vit import vit_size
 from clmae_jax.runtime.errors import UserError
 

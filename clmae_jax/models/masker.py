@@ -1,4 +1,8 @@
-"""Curriculum Masking Module of CL-MAE (official `MaskingNet`): scores every patch with a keep-probability."""
+"""Curriculum Masking Module of CL-MAE (official `MaskingNet`): scores every patch with a keep-probability.
+
+It reads the MAE's embedded tokens, so of the ViT encoder it shares the pieces (ClsToken, Transformer), not
+vit.ViTEncoder, which embeds patches itself; its blocks are named `blocks` as MaskingNet's.
+"""
 from typing import Any
 
 import flax.linen as nn

@@ -264,7 +264,7 @@ class ViTEncoder(nn.Module):
                                    deterministic=self.deterministic)
 
     def embed(self, images):
-        """Patch embedding plus fixed 2-D sin-cos positions: the tokens before masking, [B, L, D]."""
+        """Patch embedding plus fixed 2-D sin-cos positions (a learned table waits for `encode`): [B, L, D]."""
         x = self.patch_embed(images.astype(self.dtype))
         if self.pos_embed == "learned":
             return x
@@ -293,7 +293,7 @@ POOLS = {"cls": "the CLS token after the final LayerNorm",
          "gap_norm": "the mean of the last block's patch tokens, then a LayerNorm"}
 
 
-def pool(out, kind: str, norm: Callable):
+def pool_features(out, kind: str, norm: Callable):
     """The feature `kind` of POOLS from a ViTEncoder's out dict; `norm` is gap_norm's LayerNorm: [B, D]."""
     if kind == "cls":
         return out["encoded"][:, 0]
@@ -331,6 +331,6 @@ class ViTClassifier(nn.Module):
                              final_norm=self.pool != "gap_norm")
         nn.share_scope(self, encoder)
         fc_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")
-        features = pool(encoder(images), self.pool, fc_norm)
+        features = pool_features(encoder(images), self.pool, fc_norm)
         head_init = nn.initializers.truncated_normal(self.head_init_std)
         return nn.Dense(self.num_classes, kernel_init=head_init, dtype=jnp.float32, name="head")(features)
