@@ -14,47 +14,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clmae_jax.models.vit import ViTEncoder, pool_features, vit_size
+from clmae_jax.models.geometry import Geometry, params_geometry
+from clmae_jax.models.vit import ViTEncoder, pool_features
 from clmae_jax.runtime import data
 from clmae_jax.runtime.errors import UserError
 
 RAW_PIXELS = "raw_pixels"
 POOLS = ("gap_norm", "cls")
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    """What must agree between an encoder's weights and the model that runs them."""
-
-    width: int
-    depth: int
-    patch_size: int
-    channels: int
-
-    def describe(self) -> str:
-        """'width 128, depth 4, patch 4, 1 channel(s)'."""
-        return f"width {self.width}, depth {self.depth}, patch {self.patch_size}, {self.channels} channel(s)"
-
-
-def params_geometry(params) -> Geometry:
-    """The geometry that an MAE-layout encoder parameter tree has (read from its shapes)."""
-    kernel = params["patch_embed"]["proj"]["kernel"]  # [p, p, C, D]
-    depth = sum(1 for name in params["encoder"] if name.startswith("block"))
-    return Geometry(int(kernel.shape[-1]), depth, int(kernel.shape[0]), int(kernel.shape[2]))
-
-
-def config_geometry(config) -> Geometry:
-    """The geometry a training config's model and input describe."""
-    size = vit_size(config.model.size)
-    return Geometry(size["width"], size["depth"], config.model.patch_size, config.input.channels)
-
-
-def check_geometry(found: Geometry, found_name: str, wanted: Geometry, wanted_name: str):
-    """One-line UserError naming both sides when two geometries differ."""
-    if found != wanted:
-        raise UserError(f"Encoder geometry mismatch: {found_name} has {found.describe()} but {wanted_name} has "
-                        f"{wanted.describe()}; point config.encoder.checkpoint at a matching encoder or fix the "
-                        "config.")
 
 
 def fresh_layer_norm(x, eps: float = 1e-6):

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from clmae_jax.interop.hf import hf_to_fbmae, hints_from_hf_config, is_hf_state_dict, preprocessor_config
+from clmae_jax.models.geometry import Geometry
 from clmae_jax.runtime.errors import MissingInputError, UserError
 
 
@@ -78,14 +79,14 @@ def read_state_dict(path: str) -> tuple:
     return (hf_to_fbmae(state_dict, path) if is_hf_state_dict(state_dict) else state_dict), hints
 
 
-def write_pth(state_dict: dict, geometry: dict, path: str):
+def write_pth(state_dict: dict, geometry: Geometry, path: str):
     """Writes a numpy state dict as fb/mae saves it, {"model": state dict}, with our geometry under "clmae_jax"."""
     import torch
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"model": {k: torch.from_numpy(v) for k, v in state_dict.items()}, METADATA_KEY: dict(geometry)}, path)
 
 
-def write_hf_folder(state_dict: dict, config: dict, geometry: dict, folder: str):
+def write_hf_folder(state_dict: dict, config: dict, geometry: Geometry, folder: str):
     """Writes a Hugging Face folder: config.json, preprocessor_config.json (the normalisation) and the weights."""
     os.makedirs(folder, exist_ok=True)
     for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor_config(geometry))):

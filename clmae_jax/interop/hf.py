@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 
 from clmae_jax.interop.shapes import require
+from clmae_jax.models.geometry import Geometry
 from clmae_jax.runtime.errors import UserError
 
 
@@ -109,7 +110,7 @@ def fbmae_to_hf(state_dict: dict) -> dict:
     return out
 
 
-def vit_config(geometry: dict) -> dict:
+def vit_config(geometry: Geometry) -> dict:
     """The config.json fields every HF ViT with our geometry shares (LayerNorm eps 1e-6, exact GELU, no dropout)."""
     return {"hidden_size": geometry["width"], "num_hidden_layers": geometry["depth"],
             "num_attention_heads": geometry["num_heads"],
@@ -120,13 +121,14 @@ def vit_config(geometry: dict) -> dict:
             "num_channels": geometry["channels"]}
 
 
-def hf_config(geometry: dict) -> dict:
+def hf_config(geometry: Geometry) -> dict:
     """config.json of a ViTMAEForPreTraining with our geometry."""
     return {"architectures": ["ViTMAEForPreTraining"], "model_type": "vit_mae", **vit_config(geometry),
             "decoder_hidden_size": geometry["decoder_width"], "decoder_num_hidden_layers": geometry["decoder_depth"],
             "decoder_num_attention_heads": geometry["decoder_heads"],
             "decoder_intermediate_size": int(round(geometry["decoder_width"] * geometry["mlp_ratio"])),
-            "mask_ratio": geometry.get("mask_ratio", 0.75), "norm_pix_loss": geometry.get("norm_pix_loss", False)}
+            "mask_ratio": 0.75 if geometry.get("mask_ratio") is None else geometry["mask_ratio"],
+            "norm_pix_loss": bool(geometry.get("norm_pix_loss"))}
 
 
 def hints_from_hf_config(config: dict, what: str) -> dict:
@@ -147,7 +149,7 @@ def hints_from_hf_config(config: dict, what: str) -> dict:
             "norm_pix_loss": config.get("norm_pix_loss")}
 
 
-def preprocessor_config(geometry: dict) -> dict:
+def preprocessor_config(geometry: Geometry) -> dict:
     """preprocessor_config.json carrying the normalisation the encoder was trained with."""
     size = geometry["image_size"]
     return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
@@ -155,7 +157,7 @@ def preprocessor_config(geometry: dict) -> dict:
             "image_mean": list(geometry["mean"]), "image_std": list(geometry["std"])}
 
 
-def hf_classifier_config(geometry: dict) -> dict:
+def hf_classifier_config(geometry: Geometry) -> dict:
     """config.json of a ViTForImageClassification with our geometry."""
     labels = {str(i): f"LABEL_{i}" for i in range(geometry["num_classes"])}
     return {"architectures": ["ViTForImageClassification"], "model_type": "vit", **vit_config(geometry),

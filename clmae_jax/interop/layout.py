@@ -7,6 +7,7 @@ embeddings that our models compute (fixed sin-cos tables) are buffers of the lay
 """
 import numpy as np
 
+from clmae_jax.models.geometry import Geometry
 from clmae_jax.models.vit import sincos_2d
 from clmae_jax.runtime.errors import UserError
 
@@ -36,7 +37,7 @@ def blocks_keys(prefix: str, depth: int, path: tuple) -> dict:
     return {k: v for i in range(depth) for k, v in block_keys(f"{prefix}.{i}", path + (f"block{i}",)).items()}
 
 
-def fbmae_layout(geometry: dict) -> dict:
+def fbmae_layout(geometry: Geometry) -> dict:
     """Every fb/mae parameter name for `geometry`, mapped to (our path, layout kind)."""
     mae = ("mae",) if geometry.get("masker_depth") else ()  # CL-MAE trees hold the MAE under "mae".
     layout = {"patch_embed.proj.weight": (mae + ("patch_embed", "proj", "kernel"), "conv"),
@@ -83,7 +84,7 @@ def from_torch_layout(value, kind: str) -> np.ndarray:
     return np.ascontiguousarray(value)
 
 
-def fixed_buffer_tables(geometry: dict) -> dict:
+def fixed_buffer_tables(geometry: Geometry) -> dict:
     """The position-embedding buffers our models imply: sin-cos with a zero CLS row; zeros for the masker's CLS."""
     grid = geometry["image_size"] // geometry["patch_size"]
     table = lambda width: np.concatenate([np.zeros((1, width), np.float32), sincos_2d(width, grid)])[None]
@@ -126,7 +127,7 @@ def get_leaf(tree, path: tuple):
     return tree
 
 
-def params_from_layout(state_dict: dict, layout: dict, shapes: dict, geometry: dict, what: str, model: str) -> dict:
+def params_from_layout(state_dict: dict, layout: dict, shapes: dict, geometry: Geometry, what: str, model: str) -> dict:
     """Our parameter tree from the `layout` entries of `state_dict`, every leaf checked against `shapes`; a misfit
     is one line naming the key and `model` ("an MAE", "a ViT") at the geometry's sizes."""
     params = {}

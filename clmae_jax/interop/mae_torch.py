@@ -16,12 +16,13 @@ from clmae_jax.interop.hf import fbmae_to_hf, hf_config
 from clmae_jax.interop.layout import (check_keys, fbmae_layout, fixed_buffer_tables, get_leaf, params_from_layout,
                                       to_torch_layout)
 from clmae_jax.interop.shapes import fbmae_geometry
+from clmae_jax.models.geometry import Geometry
 from clmae_jax.models.mae import MaskedAutoencoder
 from clmae_jax.models.masker import CurriculumMasker
 from clmae_jax.runtime.errors import UserError
 
 
-def build_mae(geometry: dict) -> MaskedAutoencoder:
+def build_mae(geometry: Geometry) -> MaskedAutoencoder:
     """Our MaskedAutoencoder for `geometry` (float32); an encoder-only geometry gets a small placeholder decoder."""
     if geometry.get("decoder_depth") and geometry.get("decoder_heads") is None:
         raise UserError(f"The decoder's number of heads is unknown (width {geometry['decoder_width']}, not MAE's "
@@ -33,7 +34,7 @@ def build_mae(geometry: dict) -> MaskedAutoencoder:
                              channels=geometry["channels"])
 
 
-def expected_shapes(geometry: dict, num_patches: int) -> dict:
+def expected_shapes(geometry: Geometry, num_patches: int) -> dict:
     """Leaf shapes our models have for `geometry`, keyed by path tuple."""
     mae = build_mae({**geometry, "decoder_heads": geometry.get("decoder_heads") or 1})
     side = int(round(num_patches ** 0.5)) * geometry["patch_size"]
@@ -50,7 +51,7 @@ def expected_shapes(geometry: dict, num_patches: int) -> dict:
     return {tuple(k.key for k in path): leaf.shape for path, leaf in flat}
 
 
-def check_fixed_buffers(state_dict: dict, geometry: dict, what: str):
+def check_fixed_buffers(state_dict: dict, geometry: Geometry, what: str):
     """Position embeddings in the file must be the fixed ones our models compute (learned ones cannot be held)."""
     if geometry.get("image_size") is None:
         return
@@ -61,7 +62,7 @@ def check_fixed_buffers(state_dict: dict, geometry: dict, what: str):
                             "interpolated position embeddings cannot be imported).")
 
 
-def layout_num_patches(state_dict: dict, geometry: dict) -> int:
+def layout_num_patches(state_dict: dict, geometry: Geometry) -> int:
     """Patches per image: from the masker's head or the position table when present (else any square works)."""
     if geometry.get("masker_depth"):
         return int(np.shape(state_dict["masking_net.mlp_head.1.weight"])[0])
@@ -81,7 +82,7 @@ def from_fbmae_state_dict(state_dict: dict, what: str = "state dict", hints: dic
     return geometry, params_from_layout(state_dict, layout, shapes, geometry, what, "an MAE")
 
 
-def to_fbmae_state_dict(params, geometry: dict) -> dict:
+def to_fbmae_state_dict(params, geometry: Geometry) -> dict:
     """fb/mae (CL-MAE when `params` has a masker) state dict {name: float32 numpy} of our params.
 
     `geometry` (from `params_geometry` or `load_pretrained`) gives the image size the position tables are built for.
@@ -103,12 +104,12 @@ def load_pretrained(path: str, num_heads=None, decoder_heads=None) -> tuple:
     return from_fbmae_state_dict(state_dict, path, {**hints, **{k: v for k, v in given.items() if v}})
 
 
-def save_fbmae(params, geometry: dict, path: str):
+def save_fbmae(params, geometry: Geometry, path: str):
     """Writes `params` as an fb/mae (CL-MAE when it has a masker) .pth: {"model": state dict, "clmae_jax": geometry}."""
     write_pth(to_fbmae_state_dict(params, geometry), geometry, path)
 
 
-def save_hf(params, geometry: dict, folder: str):
+def save_hf(params, geometry: Geometry, folder: str):
     """Writes a folder ViTMAEForPreTraining.from_pretrained loads (the masking module has no place there: left out)."""
     if not geometry.get("decoder_depth") or geometry.get("decoder_heads") is None:
         raise UserError("A Hugging Face ViTMAEForPreTraining needs the decoder and its number of heads; export an "

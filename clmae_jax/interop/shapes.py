@@ -1,9 +1,10 @@
-"""Geometry of an fb/mae state dict (read from its tensors' shapes, file hints filling what shapes lack) or of
-one of our parameter trees."""
+"""Geometry of an fb/mae state dict, read from its tensors' shapes, file hints filling what shapes lack."""
 import re
 
 import numpy as np
 
+from clmae_jax.models.geometry import Geometry
+from clmae_jax.models.masker import CurriculumMasker
 from clmae_jax.models.vit import VIT_SIZES
 from clmae_jax.runtime.errors import UserError
 
@@ -17,7 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MAE_DECODER_HEADS = 16  # Every published MAE decoder (512 wide) uses 16 heads.
 
 
-MASKER_HEADS = 4  # The official MaskingNet's constructor default; not recoverable from shapes.
+MASKER_HEADS = CurriculumMasker.num_heads  # The official MaskingNet's default, ours too; shapes lack it.
 
 
 # What a file's metadata or config may tell beyond its shapes.
@@ -44,15 +45,13 @@ def known_heads(width: int, depth: int):
     return next((s["num_heads"] for s in VIT_SIZES.values() if (s["width"], s["depth"]) == (width, depth)), None)
 
 
-def fbmae_geometry(state_dict: dict, what: str, hints: dict) -> dict:
+def fbmae_geometry(state_dict: dict, what: str, hints: dict) -> Geometry:
     """Geometry read from an fb/mae state dict's shapes; `hints` (file metadata, HF config) fill what shapes lack."""
     width, channels, patch, _ = require(state_dict, "patch_embed.proj.weight", what).shape
     depth = count_blocks(state_dict, "blocks")
     hidden = require(state_dict, "blocks.0.mlp.fc1.weight", what).shape[0]
     geometry = dict(width=width, depth=depth, num_heads=known_heads(width, depth), mlp_ratio=hidden / width,
-                    patch_size=patch, channels=channels, image_size=None, decoder_width=None, decoder_depth=0,
-                    decoder_heads=None, masker_depth=0, masker_heads=None,
-                    mean=IMAGENET_MEAN if channels == 3 else (0.5,) * channels,
+                    patch_size=patch, channels=channels, mean=IMAGENET_MEAN if channels == 3 else (0.5,) * channels,
                     std=IMAGENET_STD if channels == 3 else (0.5,) * channels)
     if "pos_embed" in state_dict:
         geometry["image_size"] = int(round((state_dict["pos_embed"].shape[1] - 1) ** 0.5)) * patch
@@ -66,23 +65,4 @@ def fbmae_geometry(state_dict: dict, what: str, hints: dict) -> dict:
     if geometry["num_heads"] is None:
         raise UserError(f"{what}: cannot tell the number of attention heads of a width-{width}, depth-{depth} ViT "
                         "(not a standard size); pass num_heads= to load_pretrained.")
-    return geometry
-
-
-def params_geometry(params, *, image_size: int, num_heads: int, decoder_heads=None, masker_heads=MASKER_HEADS,
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
-    """Geometry of one of our MAE / CL-MAE trees: sizes from its shapes, the rest from the arguments."""
-    mae = params.get("mae", params)
-    patch, _, channels, width = np.shape(mae["patch_embed"]["proj"]["kernel"])
-    count = lambda tree: sum(1 for name in tree if name.startswith("block"))
-    hidden = np.shape(mae["encoder"]["block0"]["mlp"]["fc1"]["kernel"])[1]
-    geometry = dict(width=width, depth=count(mae["encoder"]), num_heads=num_heads, mlp_ratio=hidden / width,
-                    patch_size=patch, channels=channels, image_size=image_size, decoder_width=None, decoder_depth=0,
-                    decoder_heads=None, masker_depth=0, masker_heads=None, mean=tuple(mean), std=tuple(std))
-    if "decoder" in mae:
-        geometry.update(decoder_width=np.shape(mae["mask_token"])[-1], decoder_depth=count(mae["decoder"]),
-                        decoder_heads=decoder_heads)
-    if "masker" in params:
-        geometry.update(masker_depth=count(params["masker"]["blocks"]), masker_heads=masker_heads)
-    return geometry
-
+    return Geometry(**geometry)
