@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from clmae_jax.evaluate import load  # noqa: E402
-from clmae_jax.interop import build_mae, load_pretrained, params_geometry, save_fbmae, save_hf  # noqa: E402
+from clmae_jax.interop import load_pretrained, mae_for_geometry, params_geometry, save_fbmae, save_hf  # noqa: E402
 from clmae_jax.interop import hf, mae_torch, shapes  # noqa: E402
 from clmae_jax.models.mae import mae_loss, num_visible, topk_masking  # noqa: E402
 from clmae_jax.models.masker import CurriculumMasker  # noqa: E402
@@ -65,7 +65,7 @@ def encode(mae, images, keep_scores, num_keep):
 
 def our_outputs(geometry, params, images, noise, norm_pix_loss=False):
     """Our loss, reconstructions, mask and encoder output for the same images and noise."""
-    mae, images = build_mae(geometry), jnp.asarray(images.numpy().transpose(0, 2, 3, 1))
+    mae, images = mae_for_geometry(geometry), jnp.asarray(images.numpy().transpose(0, 2, 3, 1))
     # HF keeps the tokens with the smallest noise; ours keeps the highest scores.
     scores, keep = -jnp.asarray(noise.numpy()), num_visible(NUM_PATCHES, 0.75)
 
@@ -85,7 +85,7 @@ def max_differences(a, b):
 
 def random_params(geometry, seed=0, masker=False):
     """Our MAE (and masker) tree with every leaf random, so no zero bias or unit norm hides a mapping slip."""
-    mae, images = build_mae(geometry), jnp.zeros((1, IMAGE, IMAGE, geometry["channels"]))
+    mae, images = mae_for_geometry(geometry), jnp.zeros((1, IMAGE, IMAGE, geometry["channels"]))
     params = jax.eval_shape(lambda rng: mae.init(rng, images, jnp.zeros((1, NUM_PATCHES)), 4), jax.random.key(0))
     params = params["params"]
     if masker:

@@ -6,8 +6,8 @@ classifiers (fb/mae, timm, Hugging Face ViTForImageClassification). `save_fbmae`
 `save_classifier_fbmae` / `save_classifier_hf` write ours back; `python -m clmae_jax.interop` converts files.
 """
 from clmae_jax.interop.classifier_torch import load_torch_weights, save_classifier_fbmae, save_classifier_hf
-from clmae_jax.interop.mae_torch import build_mae, load_pretrained, save_fbmae, save_hf, to_fbmae_state_dict
+from clmae_jax.interop.mae_torch import load_pretrained, mae_for_geometry, save_fbmae, save_hf, to_fbmae_state_dict
 from clmae_jax.models.geometry import params_geometry
 
-__all__ = ["build_mae", "load_pretrained", "load_torch_weights", "params_geometry", "save_classifier_fbmae",
+__all__ = ["load_pretrained", "load_torch_weights", "mae_for_geometry", "params_geometry", "save_classifier_fbmae",
            "save_classifier_hf", "save_fbmae", "save_hf", "to_fbmae_state_dict"]

@@ -53,7 +53,7 @@ def read_safetensors(path: str) -> dict:
     return load_file(path)
 
 
-def read_weights(path: str) -> tuple:
+def read_file(path: str) -> tuple:
     """(state dict of numpy arrays, hints) from a .pth/.bin/.safetensors file or a Hugging Face folder."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     if os.path.isdir(path):
@@ -75,7 +75,7 @@ def read_state_dict(path: str) -> tuple:
     """(state dict in fb/mae names, hints) of any PyTorch file or Hugging Face folder the importers read."""
     if not os.path.exists(path):
         raise MissingInputError(f"{path} does not exist.")
-    state_dict, hints = read_weights(path)
+    state_dict, hints = read_file(path)
     return (hf_to_fbmae(state_dict, path) if is_hf_state_dict(state_dict) else state_dict), hints
 
 

@@ -22,7 +22,7 @@ from clmae_jax.models.masker import CurriculumMasker
 from clmae_jax.runtime.errors import UserError
 
 
-def build_mae(geometry: Geometry) -> MaskedAutoencoder:
+def mae_for_geometry(geometry: Geometry) -> MaskedAutoencoder:
     """Our MaskedAutoencoder for `geometry` (float32); an encoder-only geometry gets a small placeholder decoder."""
     if geometry.get("decoder_depth") and geometry.get("decoder_heads") is None:
         raise UserError(f"The decoder's number of heads is unknown (width {geometry['decoder_width']}, not MAE's "
@@ -36,7 +36,7 @@ def build_mae(geometry: Geometry) -> MaskedAutoencoder:
 
 def expected_shapes(geometry: Geometry, num_patches: int) -> dict:
     """Leaf shapes our models have for `geometry`, keyed by path tuple."""
-    mae = build_mae({**geometry, "decoder_heads": geometry.get("decoder_heads") or 1})
+    mae = mae_for_geometry({**geometry, "decoder_heads": geometry.get("decoder_heads") or 1})
     side = int(round(num_patches ** 0.5)) * geometry["patch_size"]
     init = lambda rng: mae.init(rng, jnp.zeros((1, side, side, geometry["channels"])), jnp.zeros((1, num_patches)), 1)
     tree = {"mae": jax.eval_shape(init, jax.random.key(0))["params"]}
