@@ -60,28 +60,22 @@ def fbmae_layout(geometry: Geometry) -> dict:
     return layout
 
 
+# Our leaf -> PyTorch's tensor for each layout kind, and back.
+TO_TORCH = {"plain": lambda v: v, "linear": lambda v: v.T,
+            "conv": lambda v: v.transpose(3, 2, 0, 1),  # [p, p, C, D] -> [D, C, p, p].
+            "table": lambda v: v[None]}  # A learned position table [1 + L, D] -> [1, 1 + L, D].
+FROM_TORCH = {"plain": lambda v: v, "linear": lambda v: v.T, "conv": lambda v: v.transpose(2, 3, 1, 0),
+              "table": lambda v: v[0]}
+
+
 def to_torch_layout(value, kind: str) -> np.ndarray:
     """Our leaf in PyTorch's layout (a writable copy: torch.from_numpy shares memory)."""
-    value = np.array(value, np.float32)
-    if kind == "linear":
-        value = value.T
-    elif kind == "conv":  # [p, p, C, D] -> [D, C, p, p].
-        value = value.transpose(3, 2, 0, 1)
-    elif kind == "table":  # A learned position table [1 + L, D] -> [1, 1 + L, D].
-        value = value[None]
-    return np.ascontiguousarray(value)
+    return np.ascontiguousarray(TO_TORCH[kind](np.array(value, np.float32)))
 
 
 def from_torch_layout(value, kind: str) -> np.ndarray:
     """A PyTorch tensor (as numpy) in our layout, float32."""
-    value = np.asarray(value, np.float32)
-    if kind == "linear":
-        value = value.T
-    elif kind == "conv":  # [D, C, p, p] -> [p, p, C, D].
-        value = value.transpose(2, 3, 1, 0)
-    elif kind == "table":
-        value = value[0]
-    return np.ascontiguousarray(value)
+    return np.ascontiguousarray(FROM_TORCH[kind](np.asarray(value, np.float32)))
 
 
 def fixed_buffer_tables(geometry: Geometry) -> dict:
