@@ -4,7 +4,7 @@ from absl import logging
 
 from clmae_jax import warm_start
 from clmae_jax.evaluate import load
-from clmae_jax.evaluate.encoder import Geometry, check_geometry, config_geometry
+from clmae_jax.models.geometry import Geometry, check_same_encoder, config_geometry
 from clmae_jax.models.vit import resize_positions
 from clmae_jax.runtime.errors import UserError
 
@@ -16,7 +16,7 @@ def with_pretrained_weights(variables: dict, config, path: str) -> dict:
         return with_pretrained_encoder(variables, config, load.load_run_encoder(path))
     from clmae_jax.interop.classifier_torch import load_torch_weights
     geometry, params = load_torch_weights(path)
-    if "num_classes" in geometry:
+    if geometry.num_classes is not None:
         return with_pretrained_classifier(variables, config, geometry, params, path)
     return with_pretrained_encoder(variables, config, load.foreign_encoder(path, geometry, params))
 
@@ -37,18 +37,18 @@ def with_pretrained_encoder(variables: dict, config, encoder) -> dict:
     """ViT classifier `variables` whose patch embedding, CLS token and blocks are a pretrained MAE / CL-MAE
     encoder's; the head (and fc_norm, and a learned position table: the sin-cos one) stay fresh, as in MAE
     fine-tuning."""
-    check_geometry(encoder.geometry, f"encoder {encoder.name}", config_geometry(config), model_description(config))
+    check_same_encoder(encoder.geometry, f"encoder {encoder.name}", config_geometry(config),
+                       model_description(config))
     pretrained = dict(encoder.params)
     if config.model.pool == "gap_norm":  # The encoder's final norm is replaced by fc_norm after pooling.
         pretrained["encoder"] = {k: v for k, v in pretrained["encoder"].items() if k != "norm"}
     return with_leaves(variables, pretrained, f"encoder {encoder.name}")
 
 
-def with_pretrained_classifier(variables: dict, config, geometry: dict, params: dict, path: str) -> dict:
+def with_pretrained_classifier(variables: dict, config, geometry: Geometry, params: dict, path: str) -> dict:
     """ViT classifier `variables` holding an imported classifier's weights; the head stays fresh when the number
     of classes differs, and a learned position table is resized to the config's patch grid."""
-    found = Geometry(geometry["width"], geometry["depth"], geometry["patch_size"], geometry["channels"])
-    check_geometry(found, f"classifier {path}", config_geometry(config), model_description(config))
+    check_same_encoder(geometry, f"classifier {path}", config_geometry(config), model_description(config))
     if geometry["pool"] != config.model.pool:
         raise UserError(f"{path} pools {geometry['pool']!r} but config.model.pool={config.model.pool!r}; set "
                         f"config.model.pool={geometry['pool']!r}.")

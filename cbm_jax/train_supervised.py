@@ -163,7 +163,7 @@ def masking_grids(config, images, rng, num_masked: int) -> dict:
     heat = np.repeat(heat, images.shape[-1], axis=-1)
     std, mean = np.asarray(config.input.std), np.asarray(config.input.mean)
     columns = [np.asarray(images, np.float32) / 255.0, heat, np.asarray(masked) * std + mean]
-    return {"cbm_masks": metrics.image_grid(columns)}
+    return {"cbm_masks": metrics.image_grid(columns, ("original", "salience", "masked input"))}
 
 
 def fresh_state(variables: dict, tx) -> TrainState:

@@ -6,8 +6,11 @@ from clmae_jax.models.mae import denormalize_prediction
 from clmae_jax.runtime import data, metrics
 
 
+TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
+
+
 def masking_columns(config, images, pred, mask) -> np.ndarray:
-    """Picture columns for a batch given predicted patches and the binary mask (1 = removed)."""
+    """The titled grid of TITLES for a batch given predicted patches and the binary mask (1 = removed)."""
     mean, std = jnp.asarray(config.input.mean), jnp.asarray(config.input.std)
     normalized = data.normalize(images, mean, std)
     recon = denormalize_prediction(normalized, pred, config.model.patch_size, config.mae.norm_pix_loss) * std + mean
@@ -15,4 +18,4 @@ def masking_columns(config, images, pred, mask) -> np.ndarray:
     original = np.asarray(images, np.float32) / 255.0
     recon = np.asarray(recon)
     return metrics.image_grid([original, original * (1 - pixel_mask) + 0.5 * pixel_mask, recon,
-                               original * (1 - pixel_mask) + recon * pixel_mask])
+                               original * (1 - pixel_mask) + recon * pixel_mask], TITLES)

@@ -163,7 +163,7 @@ def summary(model: CLMAE, config, params, images):
 def summary_grids(config, images, keep_prob, pred, mask) -> dict:
     """Pictures: inputs, keep-probability heat maps, learned masks and reconstructions, side by side."""
     heat = np.repeat(metrics.upsample_cells(keep_prob, images.shape[1]), images.shape[-1], axis=-1)
-    return {"keep_probability": metrics.image_grid([images / 255.0, heat]),
+    return {"keep_probability": metrics.image_grid([images / 255.0, heat], ("original", "keep probability")),
             "learned_mask_reconstruction": masking_columns(config, images, pred, mask)}
 
 

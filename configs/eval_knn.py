@@ -58,8 +58,8 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
 
 
 def knn_entry(**overrides) -> ml_collections.ConfigDict:
-    """The official kNN: gap features, Euclidean, k = 5, majority vote. num_train / num_test > 0: subsets."""
-    return ml_collections.ConfigDict({**dict(type="knn", pool="gap", k=5, metric="euclidean", vote="majority",
+    """The official kNN: gap_norm features, Euclidean, k = 5, majority vote. num_train / num_test > 0: subsets."""
+    return ml_collections.ConfigDict({**dict(type="knn", pool="gap_norm", k=5, metric="euclidean", vote="majority",
                                              temperature=0.07, num_train=0, num_test=0, every_steps=0), **overrides})
 
 

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from clmae_jax.evaluate import load  # noqa: E402
-from clmae_jax.interop import build_mae, load_pretrained, params_geometry, save_fbmae, save_hf  # noqa: E402
-from clmae_jax.interop import mae_torch  # noqa: E402
+from clmae_jax.interop import load_pretrained, mae_for_geometry, params_geometry, save_fbmae, save_hf  # noqa: E402
+from clmae_jax.interop import hf, mae_torch, shapes  # noqa: E402
 from clmae_jax.models.mae import mae_loss, num_visible, topk_masking  # noqa: E402
 from clmae_jax.models.masker import CurriculumMasker  # noqa: E402
 from clmae_jax.runtime.errors import UserError  # noqa: E402
@@ -65,7 +65,7 @@ def encode(mae, images, keep_scores, num_keep):
 
 def our_outputs(geometry, params, images, noise, norm_pix_loss=False):
     """Our loss, reconstructions, mask and encoder output for the same images and noise."""
-    mae, images = build_mae(geometry), jnp.asarray(images.numpy().transpose(0, 2, 3, 1))
+    mae, images = mae_for_geometry(geometry), jnp.asarray(images.numpy().transpose(0, 2, 3, 1))
     # HF keeps the tokens with the smallest noise; ours keeps the highest scores.
     scores, keep = -jnp.asarray(noise.numpy()), num_visible(NUM_PATCHES, 0.75)
 
@@ -85,7 +85,7 @@ def max_differences(a, b):
 
 def random_params(geometry, seed=0, masker=False):
     """Our MAE (and masker) tree with every leaf random, so no zero bias or unit norm hides a mapping slip."""
-    mae, images = build_mae(geometry), jnp.zeros((1, IMAGE, IMAGE, geometry["channels"]))
+    mae, images = mae_for_geometry(geometry), jnp.zeros((1, IMAGE, IMAGE, geometry["channels"]))
     params = jax.eval_shape(lambda rng: mae.init(rng, images, jnp.zeros((1, NUM_PATCHES)), 4), jax.random.key(0))
     params = params["params"]
     if masker:
@@ -98,7 +98,7 @@ def random_params(geometry, seed=0, masker=False):
 
 GEOMETRY = dict(width=32, depth=2, num_heads=2, mlp_ratio=4.0, patch_size=PATCH, channels=3, image_size=IMAGE,
                 decoder_width=16, decoder_depth=1, decoder_heads=2, masker_depth=0, masker_heads=None,
-                mean=mae_torch.IMAGENET_MEAN, std=mae_torch.IMAGENET_STD)
+                mean=shapes.IMAGENET_MEAN, std=shapes.IMAGENET_STD)
 CLMAE_GEOMETRY = {**GEOMETRY, "masker_depth": 2, "masker_heads": 4}
 
 
@@ -138,15 +138,15 @@ def test_fbmae_round_trip_is_bit_exact(tmp_path, masker):
 
 def test_hugging_face_round_trip_is_bit_exact(tmp_path):
     params = random_params(GEOMETRY)
-    state_dict = mae_torch.fbmae_to_hf(mae_torch.to_fbmae_state_dict(params, GEOMETRY))
+    state_dict = hf.fbmae_to_hf(mae_torch.to_fbmae_state_dict(params, GEOMETRY))
     assert "vit.encoder.layer.1.attention.attention.value.weight" in state_dict
-    fbmae = mae_torch.hf_to_fbmae(state_dict)
+    fbmae = hf.hf_to_fbmae(state_dict)
     assert_trees_equal(mae_torch.from_fbmae_state_dict(fbmae, hints=GEOMETRY)[1], params)
     save_hf(params, GEOMETRY, str(tmp_path / "hf"))
     geometry, loaded = load_pretrained(str(tmp_path / "hf"))
     assert_trees_equal(loaded, params)
     assert geometry["num_heads"] == 2 and geometry["decoder_heads"] == 2
-    assert tuple(geometry["mean"]) == mae_torch.IMAGENET_MEAN
+    assert tuple(geometry["mean"]) == shapes.IMAGENET_MEAN
 
 
 def test_exported_hugging_face_folder_loads_with_the_same_outputs(tmp_path):
@@ -201,7 +201,7 @@ def test_official_training_checkpoint_needs_heads_only_for_non_standard_sizes(tm
         load_pretrained(path)
     geometry, loaded = load_pretrained(path, num_heads=2, decoder_heads=2)
     assert_trees_equal(loaded, params)
-    assert geometry["masker_depth"] == 2 and geometry["masker_heads"] == mae_torch.MASKER_HEADS
+    assert geometry["masker_depth"] == 2 and geometry["masker_heads"] == shapes.MASKER_HEADS
 
 
 @pytest.mark.parametrize("encoder_only", [False, True], ids=["full", "encoder_only"])

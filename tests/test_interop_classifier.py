@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from cbm_jax import pretrained  # noqa: E402
-from clmae_jax.interop import classifier_torch as ct  # noqa: E402
+from clmae_jax.interop import classifier_torch as ct, layout  # noqa: E402
 from clmae_jax.interop import load_pretrained  # noqa: E402
 from clmae_jax.models.vit import ViTClassifier, resize_positions, sincos_2d  # noqa: E402
 from clmae_jax.runtime.errors import UserError  # noqa: E402
@@ -30,7 +30,7 @@ def random_params(geometry, seed=0):
     shapes = ct.classifier_shapes(geometry)
     rng, params = np.random.default_rng(seed), {}
     for path, shape in shapes.items():
-        ct.mae_torch.set_leaf(params, path, (0.3 * rng.standard_normal(shape)).astype(np.float32))
+        layout.set_leaf(params, path, (0.3 * rng.standard_normal(shape)).astype(np.float32))
     return params
 
 

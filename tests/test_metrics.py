@@ -17,3 +17,29 @@ def test_small_images_are_enlarged_by_an_integer_factor_and_tiled_row_per_sample
 def test_large_images_keep_their_size():
     images = np.zeros((1, 224, 224, 3))
     assert image_grid([images], pad=2).shape == (228, 228, 3)
+
+
+def test_titles_sit_in_a_band_above_their_columns_and_leave_the_images_unchanged():
+    images = np.random.default_rng(0).uniform(0, 1, (2, 28, 28, 3))
+    titles = ["original", "reconstruction + visible"]
+    plain, titled = image_grid([images, 1 - images]), image_grid([images, 1 - images], titles)
+    band = titled.shape[0] - plain.shape[0]
+    assert band > 0 and titled.shape[1:] == plain.shape[1:]
+    np.testing.assert_array_equal(titled[band:], plain)
+    for j in range(len(titles)):  # Ink over each column, none over the padding between them.
+        left = 2 + j * (84 + 2)
+        assert titled[:band, left:left + 84].min() < 0.5
+        assert titled[:band, left - 2:left].min() == 1.0
+
+
+def test_reconstruction_pictures_are_titled_columns():
+    import ml_collections
+    from clmae_jax.pictures import TITLES, masking_columns
+    config = ml_collections.ConfigDict(dict(input=dict(mean=[0.5], std=[0.25]), model=dict(patch_size=4),
+                                            mae=dict(norm_pix_loss=True)))
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1)).astype(np.uint8)
+    pred, mask = np.zeros((2, 4, 16), np.float32), np.array([[1, 0, 0, 1]] * 2, np.float32)
+    grid = masking_columns(config, images, pred, mask)
+    untitled_height = 2 * (96 + 2) + 2
+    assert grid.shape == (grid.shape[0], len(TITLES) * (96 + 2) + 2, 1) and grid.shape[0] > untitled_height
+    assert grid[:grid.shape[0] - untitled_height].min() < 0.5

@@ -2,9 +2,9 @@
 
 An `Encoder` holds only what evaluation needs (patch embedding, CLS token, encoder blocks and norm); the MAE
 decoder and CL-MAE's masking module are never loaded. Its `features(images)` gives the two pooled features of
-facebookresearch/mae `models_vit.py`:
+facebookresearch/mae `models_vit.py` (vit.POOLS):
 - "cls": the CLS token after the encoder's final LayerNorm (`global_pool=False`, the linear probe's default);
-- "gap": the mean of the patch tokens of the last block, before the final LayerNorm (which `global_pool=True`
+- "gap_norm": the mean of the patch tokens of the last block, before the final LayerNorm (which `global_pool=True`
   deletes), through `fc_norm`, a fresh LayerNorm (weight 1, bias 0, eps 1e-6): the kNN feature of the CL-MAE code.
 """
 import dataclasses
@@ -14,47 +14,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clmae_jax.models.vit import Block, ClsToken, PatchEmbed, sincos_2d, vit_size
+from clmae_jax.models.geometry import Geometry, params_geometry
+from clmae_jax.models.vit import ViTEncoder, pool_features
 from clmae_jax.runtime import data
 from clmae_jax.runtime.errors import UserError
 
 RAW_PIXELS = "raw_pixels"
-POOLS = ("gap", "cls")
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    """What must agree between an encoder's weights and the model that runs them."""
-
-    width: int
-    depth: int
-    patch_size: int
-    channels: int
-
-    def describe(self) -> str:
-        """'width 128, depth 4, patch 4, 1 channel(s)'."""
-        return f"width {self.width}, depth {self.depth}, patch {self.patch_size}, {self.channels} channel(s)"
-
-
-def params_geometry(params) -> Geometry:
-    """The geometry that an MAE-layout encoder parameter tree has (read from its shapes)."""
-    kernel = params["patch_embed"]["proj"]["kernel"]  # [p, p, C, D]
-    depth = sum(1 for name in params["encoder"] if name.startswith("block"))
-    return Geometry(int(kernel.shape[-1]), depth, int(kernel.shape[0]), int(kernel.shape[2]))
-
-
-def config_geometry(config) -> Geometry:
-    """The geometry a training config's model and input describe."""
-    size = vit_size(config.model.size)
-    return Geometry(size["width"], size["depth"], config.model.patch_size, config.input.channels)
-
-
-def check_geometry(found: Geometry, found_name: str, wanted: Geometry, wanted_name: str):
-    """One-line UserError naming both sides when two geometries differ."""
-    if found != wanted:
-        raise UserError(f"Encoder geometry mismatch: {found_name} has {found.describe()} but {wanted_name} has "
-                        f"{wanted.describe()}; point config.encoder.checkpoint at a matching encoder or fix the "
-                        "config.")
+POOLS = ("gap_norm", "cls")
 
 
 def fresh_layer_norm(x, eps: float = 1e-6):
@@ -63,50 +29,22 @@ def fresh_layer_norm(x, eps: float = 1e-6):
     return (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
 
 
-class EncoderStack(nn.Module):
-    """The MAE encoder's blocks and final norm (the names of vit.Transformer): -> (last block output, normed)."""
+class Features(nn.Module):
+    """The ViT encoder on all tokens (nothing masked), pooled the ways evaluation reads (POOLS), in float32."""
 
-    depth: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-    dtype: Any = jnp.float32
-    attention: str = "einsum"
-
-    @nn.compact
-    def __call__(self, x):
-        for i in range(self.depth):
-            x = Block(self.num_heads, self.mlp_ratio, 1e-6, self.dtype, self.attention, name=f"block{i}")(x)
-        return x, nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
-
-
-class ViTEncoder(nn.Module):
-    """The MAE encoder on all tokens (nothing masked), returning both pooled features in float32."""
-
-    patch_size: int
-    width: int
-    depth: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-    dtype: Any = jnp.float32
-    attention: str = "einsum"
+    vit: ViTEncoder
 
     def setup(self):
-        self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
-        self.cls_token = ClsToken()
-        self.encoder = EncoderStack(self.depth, self.num_heads, self.mlp_ratio, self.dtype, self.attention)
+        nn.share_scope(self, self.vit)
 
     def __call__(self, images):
-        x = self.patch_embed(images.astype(self.dtype))
-        grid = int(round(x.shape[1] ** 0.5))
-        x = x + jnp.asarray(sincos_2d(self.width, grid), self.dtype)[None]
-        last, normed = self.encoder(self.cls_token(x))
-        return {"gap": fresh_layer_norm(last[:, 1:].astype(jnp.float32).mean(axis=1)),
-                "cls": normed[:, 0].astype(jnp.float32)}
+        out = jax.tree.map(lambda x: x.astype(jnp.float32), self.vit(images))
+        return {kind: pool_features(out, kind, fresh_layer_norm) for kind in POOLS}
 
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
-    """A frozen encoder: `features(images uint8 [B,H,W,C]) -> {"gap", "cls"}` float32 [B, D] (pure, jittable)."""
+    """A frozen encoder: `features(images uint8 [B,H,W,C]) -> {"gap_norm", "cls"}` float32 [B, D] (pure, jittable)."""
 
     name: str  # Where it came from, for tables and errors.
     params: Any  # MAE-layout encoder parameters; None for raw pixels.
@@ -127,11 +65,11 @@ class Encoder:
         """Width, depth, patch size and channels of the weights."""
         return params_geometry(self.params)
 
-    def module(self) -> ViTEncoder:
+    def module(self) -> Features:
         """The flax module that runs these weights."""
         g = self.geometry
-        return ViTEncoder(g.patch_size, g.width, g.depth, self.num_heads, dtype=jnp.dtype(self.dtype),
-                          attention=self.attention)
+        return Features(ViTEncoder(g.patch_size, g.width, g.depth, self.num_heads, dtype=jnp.dtype(self.dtype),
+                                   attention=self.attention))
 
     def features(self, params, images):
         """Pooled features of uint8 images, normalised with the encoder's mean/std; raw pixels give the
@@ -139,7 +77,7 @@ class Encoder:
         x = data.normalize(images, self.mean, self.std)
         if self.is_raw_pixels:
             flat = x.reshape(x.shape[0], -1)
-            return {"gap": flat, "cls": flat}
+            return {kind: flat for kind in POOLS}
         return self.module().apply({"params": params}, x)
 
 
@@ -154,13 +92,16 @@ def raw_pixels(mean, std) -> Encoder:
 
 
 def feature_pool(eval_config, default: str) -> str:
-    """eval_config.pool ('gap' or 'cls'), defaulting to the protocol's official choice."""
-    pool = eval_config.get("pool") or default
-    if pool not in POOLS:
-        raise UserError(f"Unknown pool {pool!r} in config.evals; use one of {POOLS}.")
-    return pool
+    """eval_config.pool ('gap_norm' or 'cls'), defaulting to the protocol's official choice."""
+    kind = eval_config.get("pool") or default
+    if kind == "gap":  # gap_norm's old name: refused, not reused, so an old config cannot change meaning silently.
+        raise UserError("config.evals pool 'gap' is now called 'gap_norm' (mean of the last block's patch tokens, "
+                        "then a fresh LayerNorm).")
+    if kind not in POOLS:
+        raise UserError(f"Unknown pool {kind!r} in config.evals; use one of {POOLS}.")
+    return kind
 
 
-def jitted_features(encoder: Encoder, pool: str):
-    """jit of (params, images) -> [B, D] float32 features of `pool`."""
-    return jax.jit(lambda params, images: encoder.features(params, images)[pool])
+def jitted_features(encoder: Encoder, kind: str):
+    """jit of (params, images) -> [B, D] float32 features of pool `kind`."""
+    return jax.jit(lambda params, images: encoder.features(params, images)[kind])

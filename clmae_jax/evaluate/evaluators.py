@@ -7,7 +7,8 @@ import jax
 import ml_collections
 
 from clmae_jax.evaluate import protocols
-from clmae_jax.evaluate.encoder import Encoder, check_geometry, config_geometry, encoder_params, params_geometry
+from clmae_jax.evaluate.encoder import Encoder, encoder_params
+from clmae_jax.models.geometry import check_same_encoder, config_geometry, params_geometry
 from clmae_jax.models.clmae import build_mae, init_params
 from clmae_jax.models.vit import vit_size
 
@@ -42,8 +43,8 @@ class EncoderProtocolEvaluator:
     def run(self, mae_params) -> dict:
         """The protocol's scalars (percent) for the encoder inside `mae_params`."""
         params = encoder_params(mae_params)
-        check_geometry(params_geometry(params), "the parameters given to the evaluator",
-                       config_geometry(self.config), "the training config")
+        check_same_encoder(params_geometry(params), "the parameters given to the evaluator",
+                           config_geometry(self.config), "the training config")
         self.features.params, self.features.banks = params, {}  # New weights: old features are stale.
         if self.kind == "knn":
             return protocols.run_knn(self.eval_config, self.features, prefix=self.name)

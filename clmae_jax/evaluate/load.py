@@ -13,8 +13,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from clmae_jax.evaluate.encoder import (RAW_PIXELS, Encoder, Geometry, check_geometry, config_geometry,
-                                       encoder_params, raw_pixels)
+from clmae_jax.evaluate.encoder import RAW_PIXELS, Encoder, encoder_params, raw_pixels
+from clmae_jax.models.geometry import Geometry, check_same_encoder, config_geometry
 from clmae_jax.models.vit import vit_size
 from clmae_jax.runtime.checkpoint import checkpoints_directory, committed_steps
 from clmae_jax.runtime.errors import MissingInputError, UserError
@@ -98,8 +98,8 @@ def load_run_encoder(path: str, step: int = -1) -> Encoder:
     params = restore_encoder_params(folder)
     encoder = Encoder(name=f"{workdir}@{step}", params=params, num_heads=vit_size(train_config.model.size)["num_heads"],
                       mean=tuple(train_config.input.mean), std=tuple(train_config.input.std), step=step)
-    check_geometry(encoder.geometry, f"checkpoint {folder}", config_geometry(train_config),
-                   f"its training config (model.size {train_config.model.size!r})")
+    check_same_encoder(encoder.geometry, f"checkpoint {folder}", config_geometry(train_config),
+                       f"its training config (model.size {train_config.model.size!r})")
     return encoder
 
 
@@ -131,7 +131,7 @@ def check_expected_geometry(encoder: Encoder, encoder_config):
     found = encoder.geometry
     width, depth = (vit_size(size)["width"], vit_size(size)["depth"]) if size else (found.width, found.depth)
     wanted = Geometry(width, depth, patch or found.patch_size, found.channels)
-    check_geometry(found, f"encoder {encoder.name}", wanted, f"config.encoder (size {size!r}, patch_size {patch})")
+    check_same_encoder(found, f"encoder {encoder.name}", wanted, f"config.encoder (size {size!r}, patch_size {patch})")
 
 
 def load_encoder(config) -> Encoder:

@@ -14,7 +14,7 @@ from clmae_jax.evaluate.encoder import Encoder, feature_pool
 from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib
 from clmae_jax.runtime.errors import UserError
 
-DEFAULT_POOL = {"knn": "gap", "linear": "cls"}  # The official choices (see encoder.py).
+DEFAULT_POOL = {"knn": "gap_norm", "linear": "cls"}  # The official choices (see encoder.py).
 TYPES = ("knn", "linear", "fewshot")
 
 
@@ -29,7 +29,7 @@ def protocol_type(name: str, eval_config) -> str:
 def pools_needed(kind: str, eval_config) -> set:
     """The feature pools a protocol reads."""
     if kind == "fewshot":
-        return {feature_pool(eval_config.knn, "gap"), feature_pool(eval_config.linear, "cls")}
+        return pools_needed("knn", eval_config.knn) | pools_needed("linear", eval_config.linear)
     return {feature_pool(eval_config, DEFAULT_POOL[kind])}
 
 
@@ -89,7 +89,7 @@ class FeatureSets:
 
 def run_knn(eval_config, features: FeatureSets, prefix: str = "knn") -> dict:
     """kNN Acc@1 / Acc@NN (%) of the eval split against the train split."""
-    pool = feature_pool(eval_config, "gap")
+    pool = feature_pool(eval_config, DEFAULT_POOL["knn"])
     train = features.get(features.input_config.train_split, pool, eval_config.get("num_train", 0))
     test = features.get(features.input_config.eval_split, pool, eval_config.get("num_test", 0))
     result = knn.knn_accuracy(features.mesh, train, test, features.num_classes, k=eval_config.k,
@@ -155,7 +155,8 @@ def run_fewshot(eval_config, features: FeatureSets, prefix: str = "fewshot", don
     """
     results = dict(done or {})
     train_split, test_split = features.input_config.train_split, features.input_config.eval_split
-    knn_pool, linear_pool = feature_pool(eval_config.knn, "gap"), feature_pool(eval_config.linear, "cls")
+    knn_pool = feature_pool(eval_config.knn, DEFAULT_POOL["knn"])
+    linear_pool = feature_pool(eval_config.linear, DEFAULT_POOL["linear"])
     tests = {p: features.get(test_split, p, eval_config.get("num_test", 0)) for p in (knn_pool, linear_pool)}
     trains = {p: features.get(train_split, p, eval_config.get("num_train", 0)) for p in (knn_pool, linear_pool)}
     labels = fewshot.labels_by_index(trains[knn_pool])

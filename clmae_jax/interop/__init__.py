@@ -5,10 +5,9 @@ files and Hugging Face ViTMAE folders into (geometry, our params); `load_torch_w
 classifiers (fb/mae, timm, Hugging Face ViTForImageClassification). `save_fbmae` / `save_hf` and
 `save_classifier_fbmae` / `save_classifier_hf` write ours back; `python -m clmae_jax.interop` converts files.
 """
-from clmae_jax.interop.classifier_torch import (classifier_params_geometry, load_torch_weights, save_classifier_fbmae,
-                                                save_classifier_hf)
-from clmae_jax.interop.mae_torch import (build_mae, load_pretrained, params_geometry, save_fbmae, save_hf,
-                                         to_fbmae_state_dict)
+from clmae_jax.interop.classifier_torch import load_torch_weights, save_classifier_fbmae, save_classifier_hf
+from clmae_jax.interop.mae_torch import load_pretrained, mae_for_geometry, save_fbmae, save_hf, to_fbmae_state_dict
+from clmae_jax.models.geometry import params_geometry
 
-__all__ = ["build_mae", "classifier_params_geometry", "load_pretrained", "load_torch_weights", "params_geometry",
-           "save_classifier_fbmae", "save_classifier_hf", "save_fbmae", "save_hf", "to_fbmae_state_dict"]
+__all__ = ["load_pretrained", "load_torch_weights", "mae_for_geometry", "params_geometry", "save_classifier_fbmae",
+           "save_classifier_hf", "save_fbmae", "save_hf", "to_fbmae_state_dict"]

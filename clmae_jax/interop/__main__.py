@@ -18,9 +18,9 @@ import jax
 import numpy as np
 
 from clmae_jax.evaluate.load import is_workdir_or_step, read_train_config, resolve_step_folder, restore_params
-from clmae_jax.interop.classifier_torch import (classifier_params_geometry, load_torch_weights,
-                                                save_classifier_fbmae, save_classifier_hf)
-from clmae_jax.interop.mae_torch import params_geometry, save_fbmae, save_hf
+from clmae_jax.interop.classifier_torch import load_torch_weights, save_classifier_fbmae, save_classifier_hf
+from clmae_jax.interop.mae_torch import save_fbmae, save_hf
+from clmae_jax.models.geometry import Geometry, params_geometry
 from clmae_jax.models.vit import vit_size
 from clmae_jax.runtime.errors import UserError
 
@@ -32,24 +32,20 @@ def load_run(path: str, step: int) -> tuple:
     workdir, folder, _ = resolve_step_folder(path, step)
     config = read_train_config(workdir, folder)
     params = restore_params(folder)
+    known = dict(image_size=config.input.image_size, num_heads=vit_size(config.model.size)["num_heads"],
+                 mean=config.input.mean, std=config.input.std)
     if config.model.get("name") == "vit":  # A supervised / fine-tuning run of the ViT classifier.
-        geometry = classifier_params_geometry(params, image_size=config.input.image_size,
-                                              num_heads=vit_size(config.model.size)["num_heads"],
-                                              pool=config.model.pool, mean=config.input.mean, std=config.input.std)
-        return geometry, params
-    geometry = params_geometry(params, image_size=config.input.image_size,
-                               num_heads=vit_size(config.model.size)["num_heads"],
-                               decoder_heads=config.model.decoder_heads,
-                               masker_heads=config.get("clmae", {}).get("masker_heads", 4),
-                               mean=config.input.mean, std=config.input.std)
-    return {**geometry, "mask_ratio": config.mae.mask_ratio, "norm_pix_loss": config.mae.norm_pix_loss}, params
+        return params_geometry(params, **known, pool=config.model.pool), params
+    return params_geometry(params, **known, decoder_heads=config.model.decoder_heads,
+                           masker_heads=config.get("clmae", {}).get("masker_heads", 4),
+                           mask_ratio=config.mae.mask_ratio, norm_pix_loss=config.mae.norm_pix_loss), params
 
 
-def save_npz(params, geometry: dict, path: str):
+def save_npz(params, geometry: Geometry, path: str):
     """Our tree flattened to "a/b/c" keys, plus the geometry as JSON."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     arrays = {"/".join(k.key for k in keys): np.asarray(leaf) for keys, leaf in flat}
-    np.savez(path, __geometry__=json.dumps(geometry), **arrays)
+    np.savez(path, __geometry__=json.dumps(dict(geometry)), **arrays)
 
 
 def output_format(path: str, given: str) -> str:
@@ -65,7 +61,7 @@ def convert(source: str, target: str, fmt: str = "", step: int = -1):
     """Reads `source` (our run or a PyTorch file / folder) and writes `target` in `fmt`."""
     fmt = output_format(target, fmt)
     geometry, params = load_run(source, step) if is_workdir_or_step(source) else load_torch_weights(source)
-    classifier = "num_classes" in geometry
+    classifier = geometry.num_classes is not None
     if fmt == "fbmae":
         (save_classifier_fbmae if classifier else save_fbmae)(params, geometry, target)
     elif fmt == "hf":

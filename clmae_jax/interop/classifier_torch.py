@@ -1,6 +1,6 @@
 """ViT classifiers between our `ViTClassifier` trees and PyTorch, for fine-tuned MAE / CL-MAE encoders.
 
-Two PyTorch layouts, both mapped through the fb/mae names of `mae_torch`:
+Two PyTorch layouts, both mapped through the fb/mae names of layout.py:
 - facebookresearch/mae fine-tuned models and timm `VisionTransformer` (the same names): patch_embed.proj,
   cls_token, pos_embed (a learned parameter once fine-tuned), blocks.N, then `norm` + `head` (CLS pooling, timm's
   default; or the mean of the normed tokens, our "gap", named by our files' metadata) or `fc_norm` + `head` (MAE's
@@ -13,8 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clmae_jax.interop import mae_torch
-from clmae_jax.interop.mae_torch import blocks_keys, linear_keys, norm_keys
+from clmae_jax.interop.files import read_state_dict, write_hf_folder, write_pth
+from clmae_jax.interop.hf import fbmae_to_hf, hf_classifier_config
+from clmae_jax.interop.layout import (blocks_keys, check_keys, fixed_buffer_tables, get_leaf, linear_keys, norm_keys,
+                                      params_from_layout, to_torch_layout)
+from clmae_jax.interop.mae_torch import from_fbmae_state_dict
+from clmae_jax.interop.shapes import fbmae_geometry, require
+from clmae_jax.models.geometry import Geometry
 from clmae_jax.models.vit import ViTClassifier
 from clmae_jax.runtime.errors import UserError
 
@@ -24,7 +29,7 @@ def is_classifier_state_dict(state_dict: dict) -> bool:
     return "head.weight" in state_dict
 
 
-def classifier_layout(geometry: dict) -> dict:
+def classifier_layout(geometry: Geometry) -> dict:
     """Every fb/mae / timm classifier parameter name for `geometry`, mapped to (our path, layout kind)."""
     layout = {"patch_embed.proj.weight": (("patch_embed", "proj", "kernel"), "conv"),
               "patch_embed.proj.bias": (("patch_embed", "proj", "bias"), "plain"),
@@ -39,29 +44,28 @@ def classifier_layout(geometry: dict) -> dict:
     return layout
 
 
-def sincos_table(geometry: dict) -> np.ndarray:
+def sincos_table(geometry: Geometry) -> np.ndarray:
     """The fixed [1, 1 + L, D] position table our ViT computes for `geometry` (zero CLS row)."""
-    return mae_torch.fixed_buffer_tables({**geometry, "decoder_depth": 0, "masker_depth": 0})["pos_embed"]
+    return fixed_buffer_tables({**geometry, "decoder_depth": 0, "masker_depth": 0})["pos_embed"]
 
 
-def position_kind(state_dict: dict, geometry: dict) -> str:
+def position_kind(state_dict: dict, geometry: Geometry) -> str:
     """'sincos' when the file's position table is the fixed one our ViT computes, else 'learned'."""
     table = sincos_table(geometry)
     found = np.asarray(state_dict["pos_embed"], np.float32)
     return "sincos" if found.shape == table.shape and np.allclose(found, table, atol=1e-5) else "learned"
 
 
-def classifier_geometry(state_dict: dict, what: str, hints: dict) -> dict:
+def classifier_geometry(state_dict: dict, what: str, hints: dict) -> Geometry:
     """Geometry of an fb/mae / timm classifier state dict: the encoder's, plus classes, pooling, position table."""
-    mae_torch.require(state_dict, "pos_embed", what)
-    geometry = mae_torch.fbmae_geometry(state_dict, what, hints)
+    require(state_dict, "pos_embed", what)
     pool = "gap_norm" if "fc_norm.weight" in state_dict else hints.get("pool") or "cls"
-    geometry.update(num_classes=int(np.shape(state_dict["head.weight"])[0]), pool=pool)
-    geometry["pos_embed"] = hints.get("pos_embed") or position_kind(state_dict, geometry)
-    return geometry
+    geometry = fbmae_geometry(state_dict, what, hints).replace(num_classes=int(np.shape(state_dict["head.weight"])[0]),
+                                                               pool=pool)
+    return geometry.replace(pos_embed=hints.get("pos_embed") or position_kind(state_dict, geometry))
 
 
-def classifier_shapes(geometry: dict) -> dict:
+def classifier_shapes(geometry: Geometry) -> dict:
     """Leaf shapes of our ViTClassifier for `geometry`, keyed by path tuple."""
     side = geometry["image_size"]
     tree = jax.eval_shape(lambda rng: build_classifier(geometry).init(rng, jnp.zeros((1, side, side,
@@ -70,7 +74,7 @@ def classifier_shapes(geometry: dict) -> dict:
     return {tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def build_classifier(geometry: dict) -> ViTClassifier:
+def build_classifier(geometry: Geometry) -> ViTClassifier:
     """Our ViTClassifier for `geometry` (float32, no drop path)."""
     return ViTClassifier(geometry["num_classes"], patch_size=geometry["patch_size"], width=geometry["width"],
                          depth=geometry["depth"], num_heads=geometry["num_heads"], mlp_ratio=geometry["mlp_ratio"],
@@ -81,61 +85,39 @@ def from_classifier_state_dict(state_dict: dict, what: str = "state dict", hints
     """(geometry, our ViTClassifier params) from an fb/mae / timm classifier state dict of numpy arrays."""
     geometry = classifier_geometry(state_dict, what, hints or {})
     layout = classifier_layout(geometry)
-    mae_torch.check_keys(state_dict, layout, what, allowed=("pos_embed",),
-                         hint=f" for a ViT classifier with {geometry['pool']!r} pooling (distillation tokens, layer "
-                              "scale, registers and relative positions have no place in our ViT).")
-    return geometry, mae_torch.params_from_layout(state_dict, layout, classifier_shapes(geometry), geometry, what,
-                                                  "a ViT")
+    check_keys(state_dict, layout, what, allowed=("pos_embed",),
+               hint=f" for a ViT classifier with {geometry['pool']!r} pooling (distillation tokens, layer "
+                    "scale, registers and relative positions have no place in our ViT).")
+    return geometry, params_from_layout(state_dict, layout, classifier_shapes(geometry), geometry, what, "a ViT")
 
 
-def to_classifier_state_dict(params, geometry: dict) -> dict:
+def to_classifier_state_dict(params, geometry: Geometry) -> dict:
     """fb/mae / timm state dict {name: float32 numpy} of our classifier params (the sin-cos table when fixed)."""
-    state_dict = {key: mae_torch.to_torch_layout(mae_torch.get_leaf(params, path), kind)
+    state_dict = {key: to_torch_layout(get_leaf(params, path), kind)
                   for key, (path, kind) in classifier_layout(geometry).items()}
     if geometry["pos_embed"] == "sincos":
         state_dict["pos_embed"] = sincos_table(geometry)
     return state_dict
 
 
-def classifier_params_geometry(params, *, image_size: int, num_heads: int, pool: str, mean, std) -> dict:
-    """Geometry of one of our ViTClassifier trees: the encoder's (as `params_geometry`), classes, pooling, table."""
-    geometry = mae_torch.params_geometry(params, image_size=image_size, num_heads=num_heads, mean=mean, std=std)
-    return {**geometry, "num_classes": int(np.shape(params["head"]["kernel"])[1]), "pool": pool,
-            "pos_embed": "learned" if "pos_embed" in params else "sincos"}
-
-
-def hf_classifier_config(geometry: dict) -> dict:
-    """config.json of a ViTForImageClassification with our geometry (LayerNorm eps 1e-6, exact GELU, no dropout)."""
-    labels = {str(i): f"LABEL_{i}" for i in range(geometry["num_classes"])}
-    return {"architectures": ["ViTForImageClassification"], "model_type": "vit",
-            "hidden_size": geometry["width"], "num_hidden_layers": geometry["depth"],
-            "num_attention_heads": geometry["num_heads"],
-            "intermediate_size": int(round(geometry["width"] * geometry["mlp_ratio"])),
-            "hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-            "initializer_range": 0.02, "layer_norm_eps": mae_torch.LAYER_NORM_EPS, "qkv_bias": True,
-            "image_size": geometry["image_size"], "patch_size": geometry["patch_size"],
-            "num_channels": geometry["channels"], "id2label": labels,
-            "label2id": {v: int(k) for k, v in labels.items()}}
-
-
 def load_torch_weights(path: str, num_heads=None, decoder_heads=None) -> tuple:
     """(geometry, our params) of an MAE / CL-MAE or ViT-classifier file; a classifier's geometry has num_classes."""
-    state_dict, hints = mae_torch.read_state_dict(path)
+    state_dict, hints = read_state_dict(path)
     hints = {**hints, **{k: v for k, v in (("num_heads", num_heads), ("decoder_heads", decoder_heads)) if v}}
     if is_classifier_state_dict(state_dict):
         return from_classifier_state_dict(state_dict, path, hints)
-    return mae_torch.from_fbmae_state_dict(state_dict, path, hints)
+    return from_fbmae_state_dict(state_dict, path, hints)
 
 
-def save_classifier_fbmae(params, geometry: dict, path: str):
+def save_classifier_fbmae(params, geometry: Geometry, path: str):
     """Writes our classifier as an fb/mae / timm .pth: {"model": state dict, "clmae_jax": geometry}."""
-    mae_torch.write_pth(to_classifier_state_dict(params, geometry), geometry, path)
+    write_pth(to_classifier_state_dict(params, geometry), geometry, path)
 
 
-def save_classifier_hf(params, geometry: dict, folder: str):
+def save_classifier_hf(params, geometry: Geometry, folder: str):
     """Writes a folder ViTForImageClassification.from_pretrained loads (CLS-pooling classifiers only)."""
     if geometry["pool"] != "cls":
         raise UserError(f"Hugging Face ViTForImageClassification pools the CLS token; this classifier pools "
                         f"{geometry['pool']!r}: export it to the fb/mae / timm .pth layout instead.")
-    state_dict = mae_torch.fbmae_to_hf(to_classifier_state_dict(params, geometry))
-    mae_torch.write_hf_folder(state_dict, hf_classifier_config(geometry), geometry, folder)
+    state_dict = fbmae_to_hf(to_classifier_state_dict(params, geometry))
+    write_hf_folder(state_dict, hf_classifier_config(geometry), geometry, folder)

@@ -9,16 +9,11 @@ import jax.numpy as jnp
 from clmae_jax.models.mae import MaskedAutoencoder, mae_loss, num_visible, per_patch_error
 from clmae_jax.models.masker import CurriculumMasker
 from clmae_jax.models.vit import vit_size
-from clmae_jax.runtime.errors import UserError
 
 
-def check_geometry(config) -> int:
-    """Number of patches per image; fails early when the image does not tile into patches."""
-    size, patch = config.input.image_size, config.model.patch_size
-    if size % patch:
-        raise UserError(f"config.input.image_size={size} is not divisible by config.model.patch_size={patch}; "
-                        "change one of them.")
-    return (size // patch) ** 2
+def num_patches(config) -> int:
+    """Patches per image (validate.check_model has checked that the image tiles into patches)."""
+    return (config.input.image_size // config.model.patch_size) ** 2
 
 
 def build_mae(config) -> MaskedAutoencoder:
@@ -40,16 +35,16 @@ def stored_params(params, config):
 def init_params(model, config, rng):
     """Parameters of `model` for config.input's image shape, stored in config.model.param_dtype."""
     shape = (1, config.input.image_size, config.input.image_size, config.input.channels)
-    num_patches = check_geometry(config)
-    params = model.init(rng, jnp.zeros(shape), jnp.zeros((1, num_patches)), num_patches // 4)["params"]
+    patches = num_patches(config)
+    params = model.init(rng, jnp.zeros(shape), jnp.zeros((1, patches)), patches // 4)["params"]
     return stored_params(params, config)
 
 
 def random_masked_loss(model, config, params, images, rng):
     """MAE loss with per-image random masking of config.mae.mask_ratio of the patches: (loss, (pred, mask))."""
-    batch, num_patches = images.shape[0], check_geometry(config)
-    keep_scores = jax.random.uniform(rng, (batch, num_patches))
-    pred, mask = model.apply({"params": params}, images, keep_scores, num_visible(num_patches, config.mae.mask_ratio))
+    patches = num_patches(config)
+    keep_scores = jax.random.uniform(rng, (images.shape[0], patches))
+    pred, mask = model.apply({"params": params}, images, keep_scores, num_visible(patches, config.mae.mask_ratio))
     return mae_loss(images, pred, mask, config.model.patch_size, config.mae.norm_pix_loss), (pred, mask)
 
 
@@ -65,12 +60,12 @@ class CLMAE:
 
     def __init__(self, config):
         self.config, self.mae, self.masker = config, build_mae(config), build_masker(config)
-        self.num_keep = num_visible(check_geometry(config), config.mae.mask_ratio)
+        self.num_keep = num_visible(num_patches(config), config.mae.mask_ratio)
 
     def init(self, rng):
         """Parameters of both halves: {"mae", "masker"}."""
         mae_params = init_params(self.mae, self.config, rng)
-        tokens = jnp.zeros((1, check_geometry(self.config), self.mae.width))
+        tokens = jnp.zeros((1, num_patches(self.config), self.mae.width))
         masker_params = self.masker.init(jax.random.fold_in(rng, 1), tokens)["params"]
         return {"mae": mae_params, "masker": stored_params(masker_params, self.config)}
 

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clmae_jax.models.vit import ClsToken, PatchEmbed, Transformer, dense_init, sincos_2d
+from clmae_jax.models.vit import Transformer, ViTEncoder, dense_init, sincos_2d
 
 
 def patchify(images, patch_size: int):
@@ -90,7 +90,7 @@ def denormalize_prediction(images, pred, patch_size: int, norm_pix_loss: bool):
 
 
 class MaskedAutoencoder(nn.Module):
-    """MAE with a ViT encoder that sees visible tokens only and a narrow decoder with mask tokens."""
+    """MAE with a ViT encoder (vit.ViTEncoder) that sees visible tokens only and a narrow decoder with mask tokens."""
 
     patch_size: int = 16
     width: int = 768
@@ -106,10 +106,9 @@ class MaskedAutoencoder(nn.Module):
     remat: bool = False
 
     def setup(self):
-        self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
-        self.cls_token = ClsToken()
-        self.encoder = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype,
-                                   attention=self.attention, remat=self.remat)
+        self.vit = ViTEncoder(self.patch_size, self.width, self.depth, self.num_heads, self.mlp_ratio, self.dtype,
+                              self.attention, self.remat)
+        nn.share_scope(self, self.vit)
         self.decoder_embed = nn.Dense(self.decoder_width, kernel_init=dense_init, dtype=self.dtype)
         self.mask_token = self.param("mask_token", nn.initializers.normal(0.02), (1, 1, self.decoder_width))
         self.decoder = Transformer(self.decoder_depth, self.decoder_heads, self.mlp_ratio, dtype=self.dtype,
@@ -118,13 +117,11 @@ class MaskedAutoencoder(nn.Module):
 
     def embed(self, images):
         """Patch embedding plus fixed 2-D sin-cos positions: the tokens before masking, [B, L, D]."""
-        x = self.patch_embed(images.astype(self.dtype))
-        grid = int(round(x.shape[1] ** 0.5))
-        return x + jnp.asarray(sincos_2d(self.width, grid), self.dtype)[None]
+        return self.vit.embed(images)
 
     def forward_encoder(self, tokens):
-        """CLS + transformer over whichever tokens are given (visible ones, or all of them)."""
-        return self.encoder(self.cls_token(tokens))
+        """CLS + transformer over whichever tokens are given (visible ones, or all of them): the normed tokens."""
+        return self.vit.encode(tokens)["encoded"]
 
     def forward_decoder(self, latent, ids_restore):
         """Fills removed positions with the mask token, restores order, predicts pixels per patch [B, L, p*p*C]."""
@@ -136,7 +133,7 @@ class MaskedAutoencoder(nn.Module):
         patches = jnp.take_along_axis(jnp.concatenate([visible, mask_tokens], axis=1), ids_restore[..., None], axis=1)
         grid = int(round(length ** 0.5))
         patches = patches + jnp.asarray(sincos_2d(self.decoder_width, grid), x.dtype)[None]
-        x = self.decoder(jnp.concatenate([cls, patches], axis=1))
+        x = self.decoder.norm(self.decoder(jnp.concatenate([cls, patches], axis=1)))
         return self.decoder_pred(x[:, 1:])
 
     def __call__(self, images, keep_scores, num_keep: int):

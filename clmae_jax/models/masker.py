@@ -1,4 +1,8 @@
-"""Curriculum Masking Module of CL-MAE (official `MaskingNet`): scores every patch with a keep-probability."""
+"""Curriculum Masking Module of CL-MAE (official `MaskingNet`): scores every patch with a keep-probability.
+
+It reads the MAE's embedded tokens, so of the ViT encoder it shares the pieces (ClsToken, Transformer), not
+vit.ViTEncoder, which embeds patches itself; its blocks are named `blocks` as MaskingNet's.
+"""
 from typing import Any
 
 import flax.linen as nn
@@ -28,8 +32,9 @@ class CurriculumMasker(nn.Module):
         # Transformer's final LayerNorm is the head's LayerNorm: MaskingNet has no norm after its blocks, only
         # `mlp_head = LayerNorm -> Linear -> Sigmoid`, and LayerNorm acts per token, so normalising every token
         # and reading the CLS equals normalising the CLS alone.
-        x = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, remat=self.remat,
-                        name="blocks")(x)
+        blocks = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, remat=self.remat,
+                             name="blocks")
+        x = blocks.norm(blocks(x))
         # The head runs in float32 so the probabilities (and the losses built on them) keep full precision.
         logits = nn.Dense(num_tokens, kernel_init=dense_init, dtype=jnp.float32, name="head")(
             x[:, 0].astype(jnp.float32))

@@ -173,7 +173,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of `depth` pre-norm blocks followed by a final LayerNorm (unless `final_norm` is False).
+    """A stack of `depth` pre-norm blocks (`__call__`: the last block's tokens) and its final LayerNorm `norm`,
+    which the owner applies (created only when applied: MAE fine-tuning's global pool drops it).
 
     `remat` recomputes each block's activations in the backward pass: less memory for ViT-L/H, same numbers.
     `drop_path` is the last block's stochastic-depth rate, rising linearly from 0 at the first block (as timm).
@@ -188,16 +189,19 @@ class Transformer(nn.Module):
     remat: bool = False
     drop_path: float = 0.0
     deterministic: bool = True
-    final_norm: bool = True
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
         block = nn.remat(Block) if self.remat else Block
-        rates = np.linspace(0.0, self.drop_path, self.depth)
+        for i, rate in enumerate(np.linspace(0.0, self.drop_path, self.depth)):
+            # Named block0, block1, ... (fb/mae's blocks.0, blocks.1, ...), hence setattr.
+            setattr(self, f"block{i}", block(self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype,
+                                             self.attention, float(rate), self.deterministic))
+        self.norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
+
+    def __call__(self, x):
         for i in range(self.depth):
-            x = block(self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, self.attention, float(rates[i]),
-                      self.deterministic, name=f"block{i}")(x)
-        return nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name="norm")(x) if self.final_norm else x
+            x = getattr(self, f"block{i}")(x)
+        return x
 
 
 class ClsToken(nn.Module):
@@ -210,7 +214,6 @@ class ClsToken(nn.Module):
         return jnp.concatenate([cls, x], axis=1)
 
 
-POOLS = ("cls", "gap", "gap_norm")
 POSITION_EMBEDDINGS = ("sincos", "learned")
 
 
@@ -218,20 +221,91 @@ class LearnedPositions(nn.Module):
     """A learnable [1 + L, D] position table added after the CLS token, started at the fixed sin-cos table with
     a zero CLS row: MAE fine-tuning (timm's `pos_embed` parameter, loaded from the pretraining checkpoint)."""
 
-    grid: int
-
     @nn.compact
     def __call__(self, x):
-        width = x.shape[-1]
-        start = lambda _: jnp.concatenate([jnp.zeros((1, width)), sincos_2d(width, self.grid)])
+        width, grid = x.shape[-1], int(round((x.shape[1] - 1) ** 0.5))
+        start = lambda _: jnp.concatenate([jnp.zeros((1, width)), sincos_2d(width, grid)])
         return x + self.param("table", start)[None].astype(x.dtype)
 
 
-class ViTClassifier(nn.Module):
-    """ViT for supervised classification: patches + sin-cos positions, CLS, blocks, pooled features, linear head.
+class ViTEncoder(nn.Module):
+    """The ViT encoder of every model here: patches + positions, CLS, pre-norm blocks, final LayerNorm.
 
-    pool: "cls" (CLS token after the final norm), "gap" (mean of the normed patch tokens) or "gap_norm" (MAE
-    fine-tuning's global pool: mean of the last block's patch tokens, then `fc_norm` in place of the final norm).
+    `__call__(images)` = `encode(embed(images))`; the MAE masks tokens between the two. A parent shares its scope
+    (`nn.share_scope`), so the parameters keep the MAE encoder's names: patch_embed, cls_token, [pos_embed,] encoder.
+    pos_embed: "sincos" (fixed, added in `embed`, before masking) or "learned" (fine-tuning: a table over the CLS
+    and every patch, added in `encode`). See `Transformer` for remat and drop_path; `final_norm` False leaves the
+    final LayerNorm out (MAE fine-tuning's global pool) and "encoded" out of `encode`'s dict.
+    """
+
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    dtype: Any = jnp.float32
+    attention: str = "einsum"  # See Attention.
+    remat: bool = False
+    drop_path: float = 0.0
+    deterministic: bool = True
+    pos_embed: str = "sincos"
+    final_norm: bool = True
+
+    def setup(self):
+        if self.pos_embed not in POSITION_EMBEDDINGS:
+            raise UserError(f"Unknown config.model.pos_embed {self.pos_embed!r}; use one of "
+                            f"{', '.join(POSITION_EMBEDDINGS)}.")
+        self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
+        self.cls_token = ClsToken()
+        if self.pos_embed == "learned":
+            self.positions = LearnedPositions(name="pos_embed")
+        self.encoder = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype,
+                                   attention=self.attention, remat=self.remat, drop_path=self.drop_path,
+                                   deterministic=self.deterministic)
+
+    def embed(self, images):
+        """Patch embedding plus fixed 2-D sin-cos positions (a learned table waits for `encode`): [B, L, D]."""
+        x = self.patch_embed(images.astype(self.dtype))
+        if self.pos_embed == "learned":
+            return x
+        grid = int(round(x.shape[1] ** 0.5))
+        return x + jnp.asarray(sincos_2d(self.width, grid), self.dtype)[None]
+
+    def encode(self, tokens):
+        """CLS (+ the learned table) and the blocks over the given tokens: {"pre_norm", "encoded"} [B, 1 + L, D]."""
+        x = self.cls_token(tokens)
+        if self.pos_embed == "learned":
+            x = self.positions(x)
+        out = {"pre_norm": self.encoder(x)}
+        if self.final_norm:
+            out["encoded"] = self.encoder.norm(out["pre_norm"])
+        return out
+
+    def __call__(self, images):
+        return self.encode(self.embed(images))
+
+
+# What each pool computes from a ViTEncoder's `out` (facebookresearch/mae models_vit.py names the last two
+# global_pool False / True); "gap_norm"'s LayerNorm is the classifier's trained `fc_norm`, or in evaluation a fresh
+# one (the official kNN feature).
+POOLS = {"cls": "the CLS token after the final LayerNorm",
+         "gap": "the mean of the patch tokens after the final LayerNorm",
+         "gap_norm": "the mean of the last block's patch tokens, then a LayerNorm"}
+
+
+def pool_features(out, kind: str, norm: Callable):
+    """The feature `kind` of POOLS from a ViTEncoder's out dict; `norm` is gap_norm's LayerNorm: [B, D]."""
+    if kind == "cls":
+        return out["encoded"][:, 0]
+    if kind == "gap":
+        return out["encoded"][:, 1:].mean(axis=1)
+    return norm(out["pre_norm"][:, 1:].mean(axis=1))
+
+
+class ViTClassifier(nn.Module):
+    """ViT for supervised classification: the ViT encoder, a pooled feature (POOLS), a linear head.
+
+    pool "gap_norm" is MAE fine-tuning's global pool: the final norm is dropped and `fc_norm` is trained instead.
     pos_embed: "sincos" (fixed, as in pretraining) or "learned" (MAE / timm / Hugging Face classifiers train it).
     The parameter names are the MAE encoder's (patch_embed, cls_token, encoder), so pretrained weights drop in.
     """
@@ -252,22 +326,11 @@ class ViTClassifier(nn.Module):
     def __call__(self, images, train: bool = False):
         if self.pool not in POOLS:
             raise UserError(f"Unknown config.model.pool {self.pool!r}; use one of {', '.join(POOLS)}.")
-        if self.pos_embed not in POSITION_EMBEDDINGS:
-            raise UserError(f"Unknown config.model.pos_embed {self.pos_embed!r}; use one of "
-                            f"{', '.join(POSITION_EMBEDDINGS)}.")
-        x = PatchEmbed(self.patch_size, self.width, self.dtype, name="patch_embed")(images)
-        grid = int(round(x.shape[1] ** 0.5))
-        if self.pos_embed == "learned":
-            x = LearnedPositions(grid, name="pos_embed")(ClsToken(name="cls_token")(x))
-        else:
-            x = ClsToken(name="cls_token")(x + jnp.asarray(sincos_2d(self.width, grid), self.dtype)[None])
-        x = Transformer(self.depth, self.num_heads, self.mlp_ratio, dtype=self.dtype, drop_path=self.drop_path,
-                        deterministic=not train, final_norm=self.pool != "gap_norm", name="encoder")(x)
-        if self.pool == "cls":
-            features = x[:, 0]
-        elif self.pool == "gap":
-            features = x[:, 1:].mean(axis=1)
-        else:
-            features = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(x[:, 1:].mean(axis=1))
+        encoder = ViTEncoder(self.patch_size, self.width, self.depth, self.num_heads, self.mlp_ratio, self.dtype,
+                             drop_path=self.drop_path, deterministic=not train, pos_embed=self.pos_embed,
+                             final_norm=self.pool != "gap_norm")
+        nn.share_scope(self, encoder)
+        fc_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")
+        features = pool_features(encoder(images), self.pool, fc_norm)
         head_init = nn.initializers.truncated_normal(self.head_init_std)
         return nn.Dense(self.num_classes, kernel_init=head_init, dtype=jnp.float32, name="head")(features)

@@ -5,7 +5,7 @@ import os
 import jax
 import numpy as np
 from etils import epy
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 with epy.lazy_imports():  # clu's writers import TensorFlow: loaded with the first writer, not with the library.
     from clu import metric_writers, periodic_actions
@@ -26,8 +26,9 @@ def to_host(tree) -> dict:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def image_grid(columns: list, pad: int = 2, min_size: int = 96) -> np.ndarray:
-    """Tiles equally shaped [N,H,W,C] float images in [0,1]: one row per sample, one column per list entry.
+def image_grid(columns: list, titles=(), pad: int = 2, min_size: int = 96) -> np.ndarray:
+    """Tiles equally shaped [N,H,W,C] float images in [0,1]: one row per sample, one column per list entry, with
+    `titles` (one per column, if given) in a band above.
 
     Images smaller than `min_size` pixels are enlarged by an integer factor (nearest neighbour), so 28 px
     Fashion-MNIST stays readable with its patch and cell boundaries sharp.
@@ -40,7 +41,34 @@ def image_grid(columns: list, pad: int = 2, min_size: int = 96) -> np.ndarray:
         for i in range(n):
             top, left = pad + i * (h + pad), pad + j * (w + pad)
             grid[top:top + h, left:left + w] = col[i]
+    if titles:
+        grid = np.concatenate([title_band(titles, w, pad, c), grid])
     return grid
+
+
+def wrap(text: str, font, width: int) -> list:
+    """`text` broken at spaces into lines at most `width` pixels wide (a longer word keeps a line of its own)."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def title_band(titles, width: int, pad: int, channels: int) -> np.ndarray:
+    """White [h, W, channels] band with each title in black, centred over its `width`-pixel column of image_grid."""
+    font = ImageFont.load_default()
+    lines = [wrap(title, font, width) for title in titles]
+    line_height = font.getbbox("Ag")[3] + pad
+    band = Image.new("L", (len(titles) * (width + pad) + pad, pad + line_height * max(map(len, lines))), 255)
+    draw = ImageDraw.Draw(band)
+    for j, column_lines in enumerate(lines):
+        for k, line in enumerate(column_lines):
+            left = pad + j * (width + pad) + (width - font.getlength(line)) / 2
+            draw.text((left, pad + k * line_height), line, fill=0, font=font)
+    return np.repeat(np.asarray(band, np.float32)[..., None] / 255.0, channels, axis=-1)
 
 
 def write_images(writer, workdir: str, step: int, grids: dict):
