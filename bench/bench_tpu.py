@@ -76,7 +76,7 @@ def evaluation_programs(experiment, config, mae_params, batch_spec) -> dict:
     params = encoder_params(mae_params)
     encoder = Encoder(name="tpu", params=params, num_heads=vit_size(config.model.size)["num_heads"],
                       mean=tuple(config.input.mean), std=tuple(config.input.std), dtype=config.model.dtype)
-    features = jax.jit(lambda p, images: encoder.features(p, images)["gap"])
+    features = jax.jit(lambda p, images: encoder.features(p, images)["gap_norm"])
     head = linear.ProbeHead(experiment.budget.num_classes)
     tx, _ = linear.make_optimizer(linear_probe_config(config.batch_size), 1000, 1000)
     width = vit_size(config.model.size)["width"]
