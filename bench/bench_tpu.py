@@ -33,14 +33,6 @@ from clmae_jax.evaluate.encoder import Encoder, encoder_params  # noqa: E402
 from clmae_jax.models.vit import vit_size  # noqa: E402
 from clmae_jax.runtime import loop, mesh as mesh_lib  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "Experiment config (configs/NAME.py[:variant]).", lock_config=False)
-flags.DEFINE_string("topology", "v5e:2x2", f"TPU topology ('v5e:16x16') or slice ({', '.join(tpu.SLICES)}).")
-flags.DEFINE_integer("per_chip_batch", 0, "Images per chip (0: the config's global batch spread over the chips).")
-flags.DEFINE_list("programs", [], "Only these programs (default: every program of the experiment).")
-flags.DEFINE_integer("num_classes", 0, "Classes of the data set (0: from the table below; 1000 when unknown).")
-flags.DEFINE_string("cache_dir", "~/.cache/clmae_jax/tpu_xla", "Persistent compilation cache ('' for none).")
-flags.DEFINE_string("out", "", "JSON path (default bench/results/tpu_<topology>_<config>.json).")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 # Training examples of the data sets the paper configs name: the step count of a paper schedule.
@@ -165,6 +157,19 @@ def print_table(topology: str, chip, run: dict, rows: dict):
           f"{run['total_steps']} steps = {run['schedule_hours']:.1f} h (est.)")
 
 
+def define_flags():
+    """The command line (defined only when run as a script: tests import this module beside main.py's flags)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config (configs/NAME.py[:variant]).",
+                                    lock_config=False)
+    flags.DEFINE_string("topology", "v5e:2x2", f"TPU topology ('v5e:16x16') or slice ({', '.join(tpu.SLICES)}).")
+    flags.DEFINE_integer("per_chip_batch", 0, "Images per chip (0: the config's global batch spread over the chips).")
+    flags.DEFINE_list("programs", [], "Only these programs (default: every program of the experiment).")
+    flags.DEFINE_integer("num_classes", 0, "Classes of the data set (0: from NUM_CLASSES; 1000 when unknown).")
+    flags.DEFINE_string("cache_dir", "~/.cache/clmae_jax/tpu_xla", "Persistent compilation cache ('' for none).")
+    flags.DEFINE_string("out", "", "JSON path (default bench/results/tpu_<topology>_<config>.json).")
+    flags.mark_flags_as_required(["config"])
+
+
 def main(argv):
     """Compiles the config's programs for the topology, prints the table and writes the JSON."""
     del argv
@@ -194,4 +199,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
