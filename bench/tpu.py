@@ -223,7 +223,7 @@ def compile_program(jitted, *args, chip_: Chip) -> tuple[object, dict]:
     }
 
 
-def process_rows(mesh, sharding, batch_size: int) -> dict:
+def process_rows(sharding, batch_size: int) -> dict:
     """{process index: sorted global batch rows its devices hold} under `sharding` of a [batch_size, ...] array."""
     rows = {}
     for device, index in sharding.devices_indices_map((batch_size,)).items():
@@ -231,11 +231,11 @@ def process_rows(mesh, sharding, batch_size: int) -> dict:
     return {p: sorted(r) for p, r in sorted(rows.items())}
 
 
-def input_layout_problems(mesh, sharding, batch_size: int) -> list:
+def input_layout_problems(sharding, batch_size: int) -> list:
     """What is wrong with feeding `sharding` from per-process data: each process must hold one contiguous block of
     batch_size / processes rows, every row exactly once (what `mesh.to_global` and each process's data shard
     assume). Empty when all is well."""
-    rows = process_rows(mesh, sharding, batch_size)
+    rows = process_rows(sharding, batch_size)
     per_process = batch_size // len(rows)
     problems = []
     seen = sorted(r for process_rows_ in rows.values() for r in process_rows_)

@@ -80,7 +80,7 @@ def test_every_pod_host_feeds_one_block_of_rows_and_fsdp_stays_inside_a_host(top
     assert hosts == len(devices) // len([d for d in devices if d.process_index == 0]) > 1
     mesh = mesh_lib.make_mesh({"data": -1, "fsdp": fsdp}, devices)
     batch = 4 * len(devices)
-    assert tpu.input_layout_problems(mesh, mesh_lib.batch_sharding(mesh), batch) == []
+    assert tpu.input_layout_problems(mesh_lib.batch_sharding(mesh), batch) == []
     assert tpu.fsdp_groups_across_hosts(mesh) == 0
 
 
@@ -88,5 +88,5 @@ def test_a_mesh_that_mixes_hosts_is_caught():
     devices = tpu.topology_devices("v5e-256")
     order = np.random.default_rng(0).permutation(len(devices))
     mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 4}, [devices[i] for i in order])
-    assert tpu.input_layout_problems(mesh, mesh_lib.batch_sharding(mesh), 4 * len(devices))
+    assert tpu.input_layout_problems(mesh_lib.batch_sharding(mesh), 4 * len(devices))
     assert tpu.fsdp_groups_across_hosts(mesh) > 0
