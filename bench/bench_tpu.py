@@ -126,14 +126,14 @@ def summarise(config, chip, per_chip_batch: int, rows: dict, num_chips: int) -> 
     model_flops = analytic_flops(config) * per_chip_batch
     xla_flops = sum(r["xla_flops_per_chip"] for r in training)
     used_flops = model_flops or xla_flops
+    peak = max(r["peak_gib_per_chip"] for r in training)
     steps_per_epoch, total_steps = loop.step_budget(config, TRAIN_EXAMPLES.get(dataset_name(config), 1_281_167))
     return {"iteration_estimated_seconds": seconds,
             "images_per_sec_per_chip": per_chip_batch / seconds if seconds else 0.0,
             "mfu": used_flops / seconds / (chip.bf16_tflops * 1e12) if seconds else 0.0,
             "mfu_flops": "analytic" if model_flops else "xla",
             "analytic_flops_per_chip": model_flops, "xla_flops_per_chip": xla_flops,
-            "peak_gib_per_chip": max(r["peak_gib_per_chip"] for r in training),
-            "fits": max(r["peak_gib_per_chip"] for r in training) <= chip.hbm_gib,
+            "peak_gib_per_chip": peak, "fits": peak <= chip.hbm_gib,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
             "schedule_hours": total_steps * seconds / 3600, "num_chips": num_chips}
 

@@ -15,7 +15,6 @@ Every time here is the compiler's estimate, never a measurement.
 import dataclasses
 import os
 import re
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu stays quiet; the topology's devices are compile-only.
 # Compiling touches no TPU, so several processes (test workers, a bench) may load libtpu at once.
@@ -197,23 +196,18 @@ def collectives(hlo: str) -> dict:
 
 def compile_program(jitted, *args, chip_: Chip) -> tuple[object, dict]:
     """Compiles `jitted` for the devices in `args`' shardings; (executable, per-chip figures)."""
-    start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
-    seconds = time.perf_counter() - start
+    from bench import harness
+    compiled, stats = harness.compile_stats(jitted, *args)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    memory = compiled.memory_analysis()
-    hlo = compiled.as_text()
-    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes)
-    per_chip = chip_.devices_per_chip
+    hlo, per_chip = compiled.as_text(), chip_.devices_per_chip
     cycles = estimated_cycles(hlo)
     return compiled, {
-        "compile_seconds": seconds,
-        "peak_gib_per_chip": per_chip * peak / 2**30,
-        "argument_gib_per_chip": per_chip * memory.argument_size_in_bytes / 2**30,
-        "temp_gib_per_chip": per_chip * memory.temp_size_in_bytes / 2**30,
-        "xla_flops_per_chip": per_chip * float(cost.get("flops", 0.0)),
+        "compile_seconds": stats["compile_seconds"],
+        "peak_gib_per_chip": per_chip * stats["peak_bytes_per_device"] / 2**30,
+        "argument_gib_per_chip": per_chip * stats["argument_bytes_per_device"] / 2**30,
+        "temp_gib_per_chip": per_chip * stats["temp_bytes_per_device"] / 2**30,
+        "xla_flops_per_chip": per_chip * stats["xla_flops"],
         "xla_bytes_accessed_per_chip": per_chip * float(cost.get("bytes accessed", 0.0)),
         "optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
         "estimated_cycles": cycles,
