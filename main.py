@@ -1,7 +1,8 @@
 """Entry point: python main.py --config=configs/NAME.py --workdir=DIR [--config.KEY=VALUE ...].
 
-The config's `experiment` field chooses what runs: "mae", "clmae", "cbm" (training), "cbm_eval" (the test
-accuracy of the latest checkpoint in the workdir) or "eval" (kNN / linear probe / few-shot of a pretrained encoder).
+The config's `experiment` field chooses what runs: "mae", "clmae", "cbm", "finetune" (training), "cbm_eval" (the
+test accuracy of the latest checkpoint of a cbm / finetune workdir) or "eval" (kNN / linear probe / few-shot of a
+pretrained encoder).
 """
 import importlib
 import os
@@ -15,6 +16,7 @@ EXPERIMENTS = {  # config.experiment -> (module, function(config, workdir)).
     "mae": ("clmae_jax.train_mae", "train_and_evaluate"),
     "clmae": ("clmae_jax.train_clmae", "train_and_evaluate"),
     "cbm": ("cbm_jax.train_supervised", "train_and_evaluate"),
+    "finetune": ("cbm_jax.train_supervised", "train_and_evaluate"),  # The same trainer, masking off, a ViT.
     "cbm_eval": ("cbm_jax.train_supervised", "evaluate_checkpoint"),
     "eval": ("clmae_jax.evaluate.run", "evaluate_encoder"),
 }
@@ -77,14 +79,16 @@ def run(config, workdir: str, buffer):
     try:
         mesh.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                                     flags.FLAGS.process_id, flags.FLAGS.peer_timeout_s)
-        validate.check_config(config, workdir)  # Before anything is built: a bad value fails in a second.
+        module, function = EXPERIMENTS[config.experiment]
+        experiment = importlib.import_module(module)
+        # Before anything is built: a bad value fails in a second.
+        validate.check_config(config, workdir, getattr(experiment, "OPTIONS", {}))
         with lock.acquire(workdir):
             run_config.check_resume(config, workdir)  # Before anything in the workdir changes.
             peers.watch(workdir, console.keep_in(workdir, buffer), flags.FLAGS.peer_timeout_s)
             if config.experiment == "eval":  # Its own output folder; training records its config once restored.
                 run_config.record(config, workdir, 0)
-            module, function = EXPERIMENTS[config.experiment]
-            getattr(importlib.import_module(module), function)(config, workdir)
+            getattr(experiment, function)(config, workdir)
     except CheckpointError as e:
         peers.settle(flags.FLAGS.peer_timeout_s)  # A lost peer fails saves too; its line says more.
         sys.exit(f"error: {console.one_line(e)}")

@@ -57,7 +57,7 @@ def build(config, devices, num_classes: int = 0):
         return train_mae.MAE(config, mesh, budget)
     if config.experiment == "clmae":
         return train_clmae.CLMAEExperiment(config, mesh, budget)
-    if config.experiment == "cbm":
+    if config.experiment in ("cbm", "finetune"):
         from cbm_jax import train_supervised
         return train_supervised.Supervised(config, mesh, budget)
     raise ValueError(f"bench_tpu compiles training experiments (mae, clmae, cbm), not {config.experiment!r}.")
@@ -70,12 +70,12 @@ def evaluation_programs(experiment, config, mae_params, batch_spec) -> dict:
                       mean=tuple(config.input.mean), std=tuple(config.input.std), dtype=config.model.dtype)
     features = jax.jit(lambda p, images: encoder.features(p, images)["gap_norm"])
     head = linear.ProbeHead(experiment.budget.num_classes)
-    tx, _ = linear.make_optimizer(linear_probe_config(config.batch_size), 1000, 1000)
+    tx, _ = linear.probe_optimizer(linear_probe_config(config.batch_size), 1000, 1000)
     width = vit_size(config.model.size)["width"]
     probe_state = jax.eval_shape(lambda: linear.init_state(head, tx, width, 0))
     probe_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=experiment.replicated),
                                probe_state)
-    probe_step = linear.make_train_step(head, tx, lambda p, batch: encoder.features(p, batch["image"])["cls"])
+    probe_step = linear.probe_train_step(head, tx, lambda p, batch: encoder.features(p, batch["image"])["cls"])
     labelled = {**batch_spec, "label": harness.batch_spec(config, experiment.mesh, labels=2)["label"]}
     return {"knn_features": (features, (params, batch_spec["image"])),
             "linear_probe_step": (probe_step, (probe_state, params, labelled))}
@@ -91,7 +91,7 @@ def programs(experiment, config) -> dict:
     """{name: (jitted, abstract args)} of every program a run of `config` executes; training ones first."""
     state = experiment.abstract_state()
     batch = harness.batch_spec(config, experiment.mesh, labels=experiment.budget.num_classes
-                               if config.experiment == "cbm" else 0)
+                               if config.experiment in ("cbm", "finetune") else 0)
     if config.experiment == "mae":
         found = {"mae_step": (experiment.step_fn, (state, batch))}
     elif config.experiment == "clmae":

@@ -7,7 +7,7 @@ every channel of the normalised input. Cells are indexed row-major (row * grid +
 import jax
 import jax.numpy as jnp
 
-from clmae_jax.runtime.errors import UserError
+from clmae_jax.runtime.errors import UserError, check_tiling
 
 MIN_RATIO = 0.07  # Official floor for any non-zero ratio: at least one of 16 cells is masked.
 
@@ -43,9 +43,8 @@ def sample_patches(rng, probs, k):
 
 def patch_mask(indices, grid, height, width):
     """Multiplicative mask [B,H,W,1] float32: 0 on the cells in `indices` [B,k], 1 elsewhere."""
-    if height % grid or width % grid:
-        raise UserError(f"Image size {height}x{width} is not divisible by the {grid}x{grid} patch grid; "
-                        f"resize the images to a multiple of {grid} or change the grid.")
+    check_tiling(height, width, grid, f"the {grid}x{grid} patch grid",
+                 f"resize the images to a multiple of {grid} or change config.cbm.grid")
     masked = jax.nn.one_hot(indices, grid * grid, dtype=jnp.float32).sum(axis=1) > 0  # [B, grid^2]
     keep = (~masked).astype(jnp.float32).reshape(-1, grid, 1, grid, 1)
     cells = jnp.broadcast_to(keep, (keep.shape[0], grid, height // grid, grid, width // grid))

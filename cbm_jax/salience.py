@@ -6,7 +6,7 @@ device, on un-normalised pixels (any scale: the normalisation to a distribution 
 """
 import jax.numpy as jnp
 
-from clmae_jax.runtime.errors import UserError
+from clmae_jax.runtime.errors import check_tiling
 
 
 def sobel_magnitude(images):
@@ -23,9 +23,8 @@ def sobel_magnitude(images):
 def patch_salience(images, grid=4):
     """p_i = m_i / sum_j m_j, m_i the mean Sobel magnitude of cell i (row-major); [B,H,W,C] -> [B,grid^2] float32."""
     b, h, w, c = images.shape
-    if h % grid or w % grid:
-        raise UserError(f"Image size {h}x{w} is not divisible by the {grid}x{grid} patch grid; "
-                        f"resize the images to a multiple of {grid} or change the grid.")
+    check_tiling(h, w, grid, f"the {grid}x{grid} patch grid",
+                 f"resize the images to a multiple of {grid} or change config.cbm.grid")
     magnitude = sobel_magnitude(images).reshape(b, grid, h // grid, grid, w // grid, c)
     cell_means = magnitude.mean(axis=(2, 4, 5)).reshape(b, grid * grid)
     total = cell_means.sum(axis=1, keepdims=True)

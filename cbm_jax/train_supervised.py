@@ -16,23 +16,24 @@ import numpy as np
 import optax
 from absl import logging
 
-from cbm_jax.masking import mask_images, num_masked_patches, sample_patches, uniform_probs
 from cbm_jax import pretrained
+from cbm_jax.classification import ClassificationEvaluator, accuracy_step
+from cbm_jax.masking import mask_images, num_masked_patches, sample_patches, uniform_probs
 from cbm_jax.mixup import mix
 from cbm_jax.models.cvt import CVT_13, CvT
 from cbm_jax.models.resnet import ResNet
 from cbm_jax.models.wide_resnet import WRN_52_2, WideResNet
 from cbm_jax.salience import patch_salience
 from cbm_jax.schedules import masking_schedule
-from clmae_jax.evaluate import load
-from clmae_jax.evaluate.classification import ClassificationEvaluator, make_eval_step as classification_eval_step
 from clmae_jax.models.vit import ViTClassifier, vit_size
 from clmae_jax.runtime import checkpoint, data, loop, metrics, optim
 from clmae_jax.runtime.experiment import Experiment
-from clmae_jax.runtime.state import TrainState, tree_size
 from clmae_jax.runtime.errors import MissingInputError, UserError
+from clmae_jax.runtime.state import TrainState, tree_size
 
 MODELS = ("resnet18", "wrn_52_2", "cvt13", "vit")
+SALIENCE = ("sobel", "uniform")  # uniform: random masking, the ablation.
+OPTIONS = {"model.name": MODELS, "cbm.salience": SALIENCE}  # For validate.check_config.
 
 
 def build_classifier(config, num_classes: int) -> flax.linen.Module:
@@ -82,7 +83,7 @@ def cell_probabilities(config, images):
     if c.salience == "uniform":
         return uniform_probs(images.shape[0], c.grid**2)
     if c.salience != "sobel":
-        raise UserError(f"Unknown config.cbm.salience {c.salience!r}; use 'sobel' or 'uniform'.")
+        raise UserError(f"Unknown config.cbm.salience {c.salience!r}; use one of {SALIENCE}.")
     pixels = images.astype(jnp.float32)
     if c.salience_size and c.salience_size != images.shape[1]:
         # The official code measures CIFAR salience on a 64 px resize (PIL bicubic) of the 32 px image.
@@ -153,7 +154,7 @@ def make_eval_step(model, config):
     """state, batch -> summed correct predictions, loss and real examples (padding excluded); never masks."""
     apply_logits = lambda state, images: model.apply({"params": state.params, **state.model_state}, images,
                                                      train=False)
-    return classification_eval_step(apply_logits, config)
+    return accuracy_step(apply_logits, config)
 
 
 def masking_grids(config, images, rng, num_masked: int) -> dict:
@@ -243,7 +244,7 @@ class Supervised(Experiment):
 def evaluate_checkpoint(config, workdir: str) -> dict:
     """Test accuracy and loss of the latest checkpoint in `workdir`, unmasked; also written to eval_results.json."""
     checkpoints = checkpoint.checkpoints_directory(workdir)
-    if not load.committed_steps(checkpoints):  # Before any writer or checkpointer thread exists.
+    if not checkpoint.committed_steps(checkpoints):  # Before any writer or checkpointer thread exists.
         raise MissingInputError(f"No checkpoint in {checkpoints}; point --workdir at a CBM training run of this "
                                 "config.")
     run = loop.Run.create(config, workdir)

@@ -17,15 +17,16 @@ import optax
 from clmae_jax import curriculum, losses, warm_start
 from clmae_jax.models.clmae import CLMAE, random_masked_loss
 from clmae_jax.pictures import masking_columns
+from clmae_jax.pretraining import Pretraining
 from clmae_jax.runtime import data, loop, metrics, optim
 from clmae_jax.runtime.errors import UserError
-from clmae_jax.runtime.experiment import Experiment
 from clmae_jax.runtime.state import TrainState, tree_size
 
 FREEZE_MODES = ("exact", "official")
+OPTIONS = {"clmae.freeze": FREEZE_MODES, "clmae.curriculum": tuple(curriculum.SCHEDULES)}  # For validate.check_config.
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
+def half_optimizer(config) -> optax.GradientTransformation:
     """The optimizer of each half, its learning rate set per iteration (see `apply_update`)."""
     return optax.inject_hyperparams(lambda learning_rate: optim.make_optimizer(config.optimizer, learning_rate))(
         learning_rate=0.0)
@@ -40,7 +41,7 @@ def curriculum_position(config, budget, step: int) -> tuple[int, int]:
     return min(budget.epoch(step), epochs - 1), epochs
 
 
-def lambda_cl(config, budget, step: int) -> float:
+def curriculum_weight_at(config, budget, step: int) -> float:
     """lambda_CL for the iteration that starts at `step`."""
     return curriculum.curriculum_weight(config.clmae.curriculum, *curriculum_position(config, budget, step))
 
@@ -167,14 +168,14 @@ def summary_grids(config, images, keep_prob, pred, mask) -> dict:
             "learned_mask_reconstruction": masking_columns(config, images, pred, mask)}
 
 
-class CLMAEExperiment(Experiment):
+class CLMAEExperiment(Pretraining):
     """CL-MAE pretraining: per iteration an MAE step then a masking-module step on the same batch."""
 
     def __init__(self, config, mesh, budget):
         super().__init__(config, mesh, budget)
         self.model = CLMAE(config)
         self.lr, lr_schedule = budget.learning_rate()
-        self.tx = make_optimizer(config)  # One per half, each with the same recipe and learning rate.
+        self.tx = half_optimizer(config)  # One per half, each with the same recipe and learning rate.
         mae_step, masker_step = make_steps(self.model, self.tx, lr_schedule, config)
         self.mae_step, self.masker_step = self.compile_step(mae_step), self.compile_step(masker_step)
         self.difficulty = jax.jit(functools.partial(difficulty, self.model, config))
@@ -198,7 +199,7 @@ class CLMAEExperiment(Experiment):
 
     def train_step(self, state, batch, step: int):
         """The MAE step, then the masking-module step at this iteration's lambda_CL."""
-        lambda_now = jnp.float32(lambda_cl(self.config, self.budget, step - 1))
+        lambda_now = jnp.float32(curriculum_weight_at(self.config, self.budget, step - 1))
         state, mae_measured = self.mae_step(state, batch)
         state, masker_measured = self.masker_step(state, batch, lambda_now)
         return state, {**mae_measured, **masker_measured}
@@ -216,7 +217,7 @@ class CLMAEExperiment(Experiment):
         """Where the curriculum stands, so a reader of the checkpoint knows the phase."""
         epoch, epochs = curriculum_position(self.config, self.budget, step)
         return {"curriculum_epoch": epoch, "curriculum_epochs": epochs,
-                "lambda_cl": lambda_cl(self.config, self.budget, min(step, self.budget.total_steps - 1))}
+                "lambda_cl": curriculum_weight_at(self.config, self.budget, min(step, self.budget.total_steps - 1))}
 
     def encoder_params(self, state):
         """The MAE half, which the evaluators read the encoder from."""

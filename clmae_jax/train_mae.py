@@ -5,8 +5,8 @@ import jax.numpy as jnp
 from clmae_jax import warm_start
 from clmae_jax.models.clmae import build_mae, init_params, random_masked_loss
 from clmae_jax.pictures import masking_columns
+from clmae_jax.pretraining import Pretraining
 from clmae_jax.runtime import data, loop, optim
-from clmae_jax.runtime.experiment import Experiment
 from clmae_jax.runtime.state import TrainState, tree_size
 
 
@@ -37,7 +37,7 @@ def reconstruct(model, config, params, images, rng):
     return random_masked_loss(model, config, params, normalized, rng)[1]
 
 
-class MAE(Experiment):
+class MAE(Pretraining):
     """MAE pretraining: AdamW on the MAE, random masking drawn from (seed, step)."""
 
     def __init__(self, config, mesh, budget):

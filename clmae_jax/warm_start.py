@@ -9,16 +9,16 @@ import jax
 import numpy as np
 from absl import logging
 
-from clmae_jax.evaluate import load
+from clmae_jax.interop import load_pretrained
+from clmae_jax.runtime import checkpoint
 from clmae_jax.runtime.errors import UserError
 
 
 def read_weights(path: str) -> dict:
     """{"mae": MAE tree, "masker"?: module tree} of numpy arrays from a run folder or a PyTorch file / folder."""
-    if load.is_workdir_or_step(path):
-        params = load.restore_params(load.resolve_step_folder(path)[1])
+    if checkpoint.is_run_folder(path):
+        params = checkpoint.restore_params(checkpoint.resolve_step_folder(path)[1])
     else:
-        from clmae_jax.interop import load_pretrained
         params = load_pretrained(path)[1]
     return params if "mae" in params else {"mae": params}
 

@@ -4,7 +4,7 @@
         --config.model.init_from=runs/clmae_fmnist
     python main.py --config=configs/finetune_fashion_mnist.py --workdir=runs/ft_scratch   # no init_from: random
 
-The supervised trainer (experiment "cbm" with masking off) runs it: global pool + fc_norm, a learned position
+The supervised trainer (experiment "finetune": CBM's trainer with masking off) runs it: global pool + fc_norm, a learned position
 table started at the pretraining's sin-cos one, head init 2e-5, drop path 0.1, layer-wise lr decay 0.75, AdamW
 (0.9, 0.999) with weight decay 0.05 (not on cls_token / pos_embed, as the reference), lr = 5e-4 x batch / 256 (the MAE
 ViT-B base lr), warm-up then cosine to 1e-6, label smoothing 0.1, mixup 0.8 / cutmix 1.0 (switch 0.5); best and
@@ -27,6 +27,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         name="vit", size=pretrained.size, patch_size=pretrained.patch_size, pool="gap_norm", pos_embed="learned",
         drop_path=0.1, head_init_std=2e-5, dtype="float32", init_from=""))
+    config.experiment = "finetune"
     config.cbm.schedule = "none"  # Plain supervised training: no CBM masking.
     config.batch_size = 128
     config.eval_batch_size = 500

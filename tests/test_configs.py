@@ -1,38 +1,45 @@
-"""Every config file (and each named variant) loads, names a known experiment, and has consistent geometry; the
-shared variant grammar rejects unknown words; `smoke` shrinks every config, ImageNet ones included."""
-import glob
+"""Every config file (and each named variant) loads, names a known experiment, passes the config check main.py
+runs and has consistent geometry; the shared variant grammar rejects unknown words; `smoke` shrinks every config,
+ImageNet ones included."""
+import importlib
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ml_collections import config_flags
 
 import main
-from clmae_jax.runtime import loop, mesh as mesh_lib
+from clmae_jax.runtime import loop, mesh as mesh_lib, validate
 from clmae_jax.train_clmae import CLMAEExperiment
 from clmae_jax.train_mae import MAE
 from conftest import ROOT
 
-CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                      if not p.endswith(("__init__.py", "common.py")))
-VARIANTS = {"mae_vitb.py": ["clmae_budget"], "mae_fashion_mnist.py": ["test"], "clmae_fashion_mnist.py": ["test"],
-            "cbm_fashion_mnist.py": ["test", "baseline", "random", "baseline,test"],
-            "cbm_paper.py": ["cvt13,food101,baseline", "wrn_52_2,cifar10,random"],
-            "cbm_resnet18_cifar100.py": ["baseline", "random"], "cbm_vit_cifar100.py": ["baseline"]}
+CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+                      if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+VARIANTS = {"mae_vitb": ["clmae_budget"], "mae_fashion_mnist": ["test"], "clmae_fashion_mnist": ["test"],
+            "cbm_fashion_mnist": ["test", "baseline", "random", "baseline,test"],
+            "cbm_paper": ["cvt13,food101,baseline", "wrn_52_2,cifar10,random"],
+            "cbm_resnet18_cifar100": ["baseline", "random"], "cbm_vit_cifar100": ["baseline"]}
 
 
-def load(path, variant=""):
-    module = config_flags.config_flags._LoadConfigModule("config_under_test", path)
+def load(name, variant=""):
+    """configs/<name>.py's config for `variant` (its default when empty)."""
+    module = importlib.import_module(f"configs.{name}")
     return module.get_config(variant) if variant else module.get_config()
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_config_loads(path):
-    for variant in [""] + VARIANTS.get(os.path.basename(path), []):
-        config = load(path, variant)
-        assert config.experiment in main.EXPERIMENTS
+def check(config):
+    """The check main.py runs before anything is built, with the experiment's own option lists."""
+    experiment = importlib.import_module(main.EXPERIMENTS[config.experiment][0])
+    validate.check_config(config, options=getattr(experiment, "OPTIONS", {}))
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_loads(name):
+    for variant in [""] + VARIANTS.get(name, []):
+        config = load(name, variant)
+        check(config)
         if "patch_size" in config.model:
             assert config.input.image_size % config.model.patch_size == 0
         if config.experiment == "cbm":
@@ -41,36 +48,36 @@ def test_config_loads(path):
 
 
 def test_variant_table_names_real_files():
-    assert {os.path.basename(p) for p in CONFIG_FILES} >= set(VARIANTS)
+    assert set(CONFIG_NAMES) >= set(VARIANTS)
 
 
 def test_paper_recipes():
-    clmae = load(os.path.join(ROOT, "configs", "clmae_vitb.py"))
+    clmae = load("clmae_vitb")
     assert (clmae.num_epochs, clmae.optimizer.base_lr, clmae.optimizer.warmup_epochs) == (200, 1e-3, 40)
     assert (clmae.clmae.lambda_gaussian, clmae.clmae.lambda_kl, clmae.clmae.lambda_diversity) == (1.0, 0.1, 2.0)
     assert (clmae.mae.mask_ratio, clmae.clmae.loss_group_size, clmae.clmae.freeze) == (0.75, 256, "exact")
-    mae = load(os.path.join(ROOT, "configs", "mae_vitb.py"))
+    mae = load("mae_vitb")
     assert (mae.num_epochs, mae.batch_size, mae.optimizer.base_lr, mae.mae.norm_pix_loss) == (800, 4096, 1.5e-4, True)
     assert (mae.model.decoder_width, mae.model.decoder_depth, mae.model.size) == (512, 8, "base")
 
 
-def smoke_variant(path):
+def smoke_variant(name):
     """The smoke variant of a config file (cbm_paper.py needs a model and a dataset first)."""
-    return "resnet18,cifar10,smoke" if path.endswith("cbm_paper.py") else "smoke"
+    return "resnet18,cifar10,smoke" if name == "cbm_paper" else "smoke"
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_every_config_has_a_smoke_variant_and_rejects_unknown_words(path):
-    config = load(path, smoke_variant(path))
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_config_has_a_smoke_variant_that_passes_the_check_and_rejects_unknown_words(name):
+    config = load(name, smoke_variant(name))
     assert (config.total_steps, config.batch_size, config.checkpoint_every_steps) == (3, 8, 1)
-    assert config.experiment in main.EXPERIMENTS
+    check(config)
     with pytest.raises(ValueError, match="smoke"):
-        load(path, smoke_variant(path).replace("smoke", "smok"))
+        load(name, smoke_variant(name).replace("smoke", "smok"))
 
 
-@pytest.mark.parametrize("name,experiment", [("mae_vitb.py", MAE), ("clmae_vitb.py", CLMAEExperiment)])
+@pytest.mark.parametrize("name,experiment", [("mae_vitb", MAE), ("clmae_vitb", CLMAEExperiment)])
 def test_imagenet_configs_take_a_smoke_step(name, experiment):
-    config = load(os.path.join(ROOT, "configs", name), "smoke")
+    config = load(name, "smoke")
     budget = loop.Budget(config, steps_per_epoch=10, total_steps=3)
     run = experiment(config, mesh_lib.make_mesh(), budget)
     state = run.create_train_state()

@@ -254,7 +254,7 @@ def test_geometry_mismatch_is_one_line_naming_both_sides(runs):
     from configs import mae_fashion_mnist
     config = mae_fashion_mnist.get_config("test")
     config.model.size = "tiny"
-    evaluator = evaluate.make_evaluator(ml_collections.ConfigDict(dict(type="knn", k=5)), config,
+    evaluator = EncoderProtocolEvaluator(ml_collections.ConfigDict(dict(type="knn", k=5)), config,
                                         mesh_lib.make_mesh())
     from conftest import load_params
     with pytest.raises(UserError, match="width 128.*width 192"):
@@ -267,7 +267,7 @@ def test_pretraining_knn_evaluator_compiles_once(runs):
     from configs import eval_knn, mae_fashion_mnist
     config = mae_fashion_mnist.get_config("test")
     entry = eval_knn.knn_entry(num_train=200, num_test=100, every_steps=50)
-    evaluator = evaluate.make_evaluator(entry, config, mesh_lib.make_mesh())
+    evaluator = EncoderProtocolEvaluator(entry, config, mesh_lib.make_mesh())
     params = load_params(runs["mae"], 1)
     first = evaluator.run(params)
     sizes = (evaluator.features.featurize_fn._cache_size(), knn.knn_counts._cache_size())

@@ -41,7 +41,7 @@ def images_nchw(seed=1, batch=3):
 
 def our_logits(geometry, params, images):
     """Our classifier's logits for NCHW torch images."""
-    model = ct.build_classifier(geometry)
+    model = ct.classifier_for_geometry(geometry)
     return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(images.numpy().transpose(0, 2, 3, 1))))
 
 

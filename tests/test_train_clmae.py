@@ -26,7 +26,7 @@ def small_config(freeze="exact"):
 
 def setup(config):
     model = train_clmae.CLMAE(config)
-    tx = train_clmae.make_optimizer(config)
+    tx = train_clmae.half_optimizer(config)
     params = model.init(jax.random.PRNGKey(0))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        opt_state={k: tx.init(v) for k, v in params.items()})
@@ -126,10 +126,10 @@ def test_curriculum_position(stages, steps, expected):
             return step // 10
 
     if expected is None:  # Real epochs: 4 epochs of 10 steps -> +1, +0.5, -0.5, -1.
-        got = [train_clmae.lambda_cl(config, FakeRun(), s) for s in (0, 9, 10, 25, 39)]
+        got = [train_clmae.curriculum_weight_at(config, FakeRun(), s) for s in (0, 9, 10, 25, 39)]
         assert got == [1.0, 1.0, 0.5, -0.5, -1.0]
     else:
-        assert [train_clmae.lambda_cl(config, FakeRun(), s) for s in range(steps)] == expected
+        assert [train_clmae.curriculum_weight_at(config, FakeRun(), s) for s in range(steps)] == expected
 
 
 def test_one_iteration_same_on_1_and_8_devices(tmp_path, run_main, scalars):

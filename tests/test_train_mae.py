@@ -81,7 +81,8 @@ def test_unknown_config_key_is_one_clear_line(tmp_path, run_main):
 def test_patch_size_mismatch_and_missing_data_are_clear(tmp_path, run_main):
     proc = run_main(str(tmp_path / "a"), CONFIG, "--config.input.image_size=30", check=False)
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: config.input.image_size=30 is not divisible by config.model.patch_size=4; change one of them.")
+        "error: Image size 30x30 is not divisible by config.model.patch_size=4 (config.input.image_size=30); change "
+        "one of them.")
     proc = run_main(str(tmp_path / "b"), CONFIG, f"--config.input.data_dir={tmp_path}", check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and "apt-get install dataset-fashion-mnist" in last

@@ -46,9 +46,5 @@ class EncoderProtocolEvaluator:
         check_same_encoder(params_geometry(params), "the parameters given to the evaluator",
                            config_geometry(self.config), "the training config")
         self.features.params, self.features.banks = params, {}  # New weights: old features are stale.
-        if self.kind == "knn":
-            return protocols.run_knn(self.eval_config, self.features, prefix=self.name)
-        if self.kind == "linear":
-            return protocols.run_linear(self.eval_config, self.features, prefix=self.name)
-        results = protocols.run_fewshot(self.eval_config, self.features, prefix=self.name)
+        results = protocols.PROTOCOLS[self.kind](self.eval_config, self.features, prefix=self.name)
         return {k: v for k, v in results.items() if "_seed" not in k}

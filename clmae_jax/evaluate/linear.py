@@ -17,6 +17,8 @@ import numpy as np
 import optax
 from absl import logging
 
+from clmae_jax.evaluate.bank import add_counts
+from clmae_jax.evaluate.knn import query_slice
 from clmae_jax.runtime import optim
 from clmae_jax.runtime.state import TrainState
 
@@ -44,7 +46,7 @@ class ProbeHead(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=init, name="head")(x)
 
 
-def make_optimizer(probe_config, steps_per_epoch: int, total_steps: int):
+def probe_optimizer(probe_config, steps_per_epoch: int, total_steps: int):
     """(LARS with MAE's schedule, peak lr): lr = probe_config.lr, or base_lr * batch / 256 when lr is 0."""
     peak = optim.learning_rate(probe_config, probe_config.batch_size)
     schedule_config = ml_collections.ConfigDict(dict(schedule="cosine", warmup_epochs=probe_config.warmup_epochs,
@@ -60,7 +62,7 @@ def init_state(head: ProbeHead, tx, dim: int, seed: int) -> TrainState:
                       model_state=variables["batch_stats"])
 
 
-def make_train_step(head: ProbeHead, tx, featurize):
+def probe_train_step(head: ProbeHead, tx, featurize):
     """jit of (state, encoder params, batch) -> (state, loss); `featurize(params, batch) -> [B, D]` stays frozen."""
 
     def step(state, encoder_params, batch):
@@ -80,7 +82,7 @@ def make_train_step(head: ProbeHead, tx, featurize):
     return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(head: ProbeHead):
+def probe_eval_step(head: ProbeHead):
     """jit of (state, features, labels, valid) -> summed top-1 / top-5 hits and count (invalid rows excluded)."""
 
     def evaluate(state, features, labels, valid):
@@ -100,12 +102,12 @@ def train_head(head: ProbeHead, probe_config, dim: int, steps_per_epoch: int, ep
     With a checkpointer the state is saved after every epoch and a rerun resumes after the last saved epoch.
     """
     total = probe_config.epochs * steps_per_epoch
-    tx, peak = make_optimizer(probe_config, steps_per_epoch, total)
+    tx, peak = probe_optimizer(probe_config, steps_per_epoch, total)
     state = init_state(head, tx, dim, probe_config.get("seed", 0))
     if checkpointer is not None and checkpointer.latest_step() is not None:
         state, _ = checkpointer.restore(state)
         logging.info("%s: resumed at step %d", name, int(state.step))
-    step_fn = make_train_step(head, tx, featurize)
+    step_fn = probe_train_step(head, tx, featurize)
     logging.info("%s: %d epochs x %d steps, batch %d, peak lr %.4g", name, probe_config.epochs, steps_per_epoch,
                  probe_config.batch_size, peak)
     for epoch in range(int(state.step) // steps_per_epoch, probe_config.epochs):
@@ -122,10 +124,8 @@ def train_head(head: ProbeHead, probe_config, dim: int, steps_per_epoch: int, ep
 
 
 def probe_accuracy(head: ProbeHead, state: TrainState, test, query_batch: int = 1024) -> dict:
-    """{"acc1", "acc5"} in percent of the head on every valid row of a feature bank."""
-    from clmae_jax.evaluate.bank import add_counts
-    from clmae_jax.evaluate.knn import query_slice  # The same row slices as kNN queries.
-    evaluate, size = make_eval_step(head), min(query_batch, test.rows_per_device)
+    """{"acc1", "acc5"} in percent of the head on every valid row of a feature bank (sliced as kNN queries are)."""
+    evaluate, size = probe_eval_step(head), min(query_batch, test.rows_per_device)
     totals = None
     for start in range(0, test.features.shape[0], size):
         counts = evaluate(state, *query_slice((test.features, test.labels, test.valid), size, jnp.int32(start)))

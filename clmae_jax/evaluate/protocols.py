@@ -1,9 +1,12 @@
 """The three protocols (kNN, linear probe, few-shot) on one encoder, sharing extracted features.
 
-Each protocol is `run_<type>(eval_config, features) -> {"<type>_...": percent}`; `features` is a `FeatureSets`
-that extracts each split once (every pool the run needs in one forward pass) and can cache it on disk.
+PROTOCOLS maps each type to `run_<type>(eval_config, features, prefix, resume) -> {"<prefix>_...": percent}`;
+`features` is a `FeatureSets` that extracts each split once (every pool the run needs in one forward pass) and can
+cache it on disk. The "eval" experiment and the evaluators inside pretraining both run protocols through it.
 """
+import dataclasses
 import os
+from typing import Callable
 
 import jax
 import numpy as np
@@ -15,14 +18,22 @@ from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib
 from clmae_jax.runtime.errors import UserError
 
 DEFAULT_POOL = {"knn": "gap_norm", "linear": "cls"}  # The official choices (see encoder.py).
-TYPES = ("knn", "linear", "fewshot")
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """What lets a protocol continue an interrupted run: the linear probe's checkpoint folder (`workdir`), few-shot
+    results already on record (`done`) and a callback after each new one (`on_result`). Empty: start afresh."""
+    workdir: str = ""
+    done: dict = dataclasses.field(default_factory=dict)
+    on_result: Callable[[dict], None] | None = None
 
 
 def protocol_type(name: str, eval_config) -> str:
     """eval_config.type (default: the entry's name), checked."""
     kind = eval_config.get("type") or name
-    if kind not in TYPES:
-        raise UserError(f"Unknown evaluation type {kind!r} in config.evals.{name}; use one of {TYPES}.")
+    if kind not in PROTOCOLS:
+        raise UserError(f"Unknown evaluation type {kind!r} in config.evals.{name}; use one of {tuple(PROTOCOLS)}.")
     return kind
 
 
@@ -87,7 +98,7 @@ class FeatureSets:
         return banks
 
 
-def run_knn(eval_config, features: FeatureSets, prefix: str = "knn") -> dict:
+def run_knn(eval_config, features: FeatureSets, prefix: str = "knn", resume: Resume = Resume()) -> dict:
     """kNN Acc@1 / Acc@NN (%) of the eval split against the train split."""
     pool = feature_pool(eval_config, DEFAULT_POOL["knn"])
     train = features.get(features.input_config.train_split, pool, eval_config.get("num_train", 0))
@@ -115,8 +126,9 @@ def image_epochs(features: FeatureSets, eval_config, steps_per_epoch: int):
     return epoch_batches
 
 
-def run_linear(eval_config, features: FeatureSets, workdir: str = "", prefix: str = "linear") -> dict:
-    """Linear-probe top-1 / top-5 (%) on the eval split; cached features or the official augmented images."""
+def run_linear(eval_config, features: FeatureSets, prefix: str = "linear", resume: Resume = Resume()) -> dict:
+    """Linear-probe top-1 / top-5 (%) on the eval split; cached features or the official augmented images. With
+    resume.workdir the probe checkpoints each epoch under it and continues from there."""
     pool = feature_pool(eval_config, "cls")
     test = features.get(features.input_config.eval_split, pool, eval_config.get("num_test", 0))
     head = linear.ProbeHead(features.num_classes)
@@ -138,22 +150,21 @@ def run_linear(eval_config, features: FeatureSets, workdir: str = "", prefix: st
         raise UserError(f"The linear probe's batch of {eval_config.batch_size} exceeds its training examples; "
                         "lower config.evals.<linear>.batch_size.")
     checkpointer = None
-    if workdir and eval_config.get("checkpoint", True):
-        checkpointer = checkpoint.Checkpointer(os.path.join(workdir, prefix), keep=1)
+    if resume.workdir and eval_config.get("checkpoint", True):
+        checkpointer = checkpoint.Checkpointer(os.path.join(resume.workdir, prefix), keep=1)
     state = linear.train_head(head, eval_config, test.features.shape[1], steps_per_epoch, batches, featurize,
                               features.params, checkpointer, name=prefix)
     result = linear.probe_accuracy(head, state, test)
     return {f"{prefix}_acc1": result["acc1"], f"{prefix}_acc5": result["acc5"]}
 
 
-def run_fewshot(eval_config, features: FeatureSets, prefix: str = "fewshot", done: dict | None = None,
-                on_result=None) -> dict:
+def run_fewshot(eval_config, features: FeatureSets, prefix: str = "fewshot", resume: Resume = Resume()) -> dict:
     """Few-shot kNN and linear top-1 (%) per shot count: mean and std over seeds (plus each seed's value).
 
-    `done` holds per-seed results of an earlier, interrupted run, which are not recomputed; `on_result(scalars)`
-    is called after each seed so a rerun can resume.
+    resume.done holds per-seed results of an earlier, interrupted run, which are not recomputed;
+    resume.on_result(scalars) is called after each seed so a rerun can resume.
     """
-    results = dict(done or {})
+    results = dict(resume.done)
     train_split, test_split = features.input_config.train_split, features.input_config.eval_split
     knn_pool = feature_pool(eval_config.knn, DEFAULT_POOL["knn"])
     linear_pool = feature_pool(eval_config.linear, DEFAULT_POOL["linear"])
@@ -176,11 +187,14 @@ def run_fewshot(eval_config, features: FeatureSets, prefix: str = "fewshot", don
                     results[key] = fewshot.fewshot_linear(*subset, tests[pool], eval_config, features.num_classes,
                                                           seed)
                 logging.info("%s: %.2f", key, results[key])
-                if on_result:
-                    on_result(results)
+                if resume.on_result:
+                    resume.on_result(results)
         for method in eval_config.methods:
             values = [results[f"{prefix}_{shots}shot_{method}_seed{s}_acc1"] for s in eval_config.seeds]
             results[f"{prefix}_{shots}shot_{method}_acc1"] = float(np.mean(values))
             std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0  # Sample standard deviation.
             results[f"{prefix}_{shots}shot_{method}_acc1_std"] = std
     return results
+
+
+PROTOCOLS = {"knn": run_knn, "linear": run_linear, "fewshot": run_fewshot}

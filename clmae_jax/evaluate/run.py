@@ -61,14 +61,10 @@ def evaluate_encoder(config, workdir: str) -> dict:
         if results["configs"].get(name) == signature:
             logging.info("%s: already in %s, skipped", name, RESULTS)
             continue
-        save_partial = lambda r, name=name: metrics.write_json(workdir, RESULTS, {**results, **r})
-        if kind == "knn":
-            scalars = protocols.run_knn(eval_config, features, prefix=name)
-        elif kind == "linear":
-            scalars = protocols.run_linear(eval_config, features, workdir, prefix=name)
-        else:
-            done = {k: v for k, v in results.items() if k.startswith(f"{name}_") and "_seed" in k}
-            scalars = protocols.run_fewshot(eval_config, features, prefix=name, done=done, on_result=save_partial)
+        resume = protocols.Resume(
+            workdir=workdir, on_result=lambda r: metrics.write_json(workdir, RESULTS, {**results, **r}),
+            done={k: v for k, v in results.items() if k.startswith(f"{name}_") and "_seed" in k})
+        scalars = protocols.PROTOCOLS[kind](eval_config, features, prefix=name, resume=resume)
         results.update(scalars)
         results["configs"][name] = signature
         metrics.write_json(workdir, RESULTS, results)

@@ -17,11 +17,11 @@ import json
 import jax
 import numpy as np
 
-from clmae_jax.evaluate.load import is_workdir_or_step, read_train_config, resolve_step_folder, restore_params
 from clmae_jax.interop.classifier_torch import load_torch_weights, save_classifier_fbmae, save_classifier_hf
 from clmae_jax.interop.mae_torch import save_fbmae, save_hf
 from clmae_jax.models.geometry import Geometry, params_geometry
 from clmae_jax.models.vit import vit_size
+from clmae_jax.runtime.checkpoint import is_run_folder, read_train_config, resolve_step_folder, restore_params
 from clmae_jax.runtime.errors import UserError
 
 FORMATS = ("fbmae", "hf", "npz")
@@ -60,7 +60,7 @@ def output_format(path: str, given: str) -> str:
 def convert(source: str, target: str, fmt: str = "", step: int = -1):
     """Reads `source` (our run or a PyTorch file / folder) and writes `target` in `fmt`."""
     fmt = output_format(target, fmt)
-    geometry, params = load_run(source, step) if is_workdir_or_step(source) else load_torch_weights(source)
+    geometry, params = load_run(source, step) if is_run_folder(source) else load_torch_weights(source)
     classifier = geometry.num_classes is not None
     if fmt == "fbmae":
         (save_classifier_fbmae if classifier else save_fbmae)(params, geometry, target)

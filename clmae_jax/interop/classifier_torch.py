@@ -68,13 +68,13 @@ def classifier_geometry(state_dict: dict, what: str, hints: dict) -> Geometry:
 def classifier_shapes(geometry: Geometry) -> dict:
     """Leaf shapes of our ViTClassifier for `geometry`, keyed by path tuple."""
     side = geometry["image_size"]
-    tree = jax.eval_shape(lambda rng: build_classifier(geometry).init(rng, jnp.zeros((1, side, side,
+    tree = jax.eval_shape(lambda rng: classifier_for_geometry(geometry).init(rng, jnp.zeros((1, side, side,
                                                                                       geometry["channels"]))),
                           jax.random.key(0))["params"]
     return {tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def build_classifier(geometry: Geometry) -> ViTClassifier:
+def classifier_for_geometry(geometry: Geometry) -> ViTClassifier:
     """Our ViTClassifier for `geometry` (float32, no drop path)."""
     return ViTClassifier(geometry["num_classes"], patch_size=geometry["patch_size"], width=geometry["width"],
                          depth=geometry["depth"], num_heads=geometry["num_heads"], mlp_ratio=geometry["mlp_ratio"],

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clmae_jax.runtime.errors import UserError
+from clmae_jax.runtime.errors import UserError, check_tiling
 
 # Encoder sizes: width, depth, heads (ViT paper, Table 1; tiny from DeiT).
 VIT_SIZES = {
@@ -74,10 +74,8 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, images):
         p = self.patch_size
-        if images.shape[1] % p or images.shape[2] % p:
-            raise UserError(
-                f"Image size {images.shape[1]}x{images.shape[2]} is not divisible by patch size {p}; "
-                "change config.input.image_size or config.model.patch_size.")
+        check_tiling(images.shape[1], images.shape[2], p, f"patch size {p}",
+                     "change config.input.image_size or config.model.patch_size")
         x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", kernel_init=patch_init,
                     dtype=self.dtype, name="proj")(images)
         return x.reshape(x.shape[0], -1, self.width)

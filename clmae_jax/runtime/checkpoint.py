@@ -6,6 +6,9 @@ bytes in a data file restore silently as wrong numbers. So once a save is on dis
 (size and CRC-32 of every file) to the step folder, and restore checks it. A step that is uncommitted, fails its
 checksums or does not restore is moved to WORKDIR/checkpoints_corrupt/<step>-<reason> (never deleted) and the
 next older step is tried. A checkpoint of another model (a different tree or shapes) is an error, not corruption.
+
+Readers of finished runs (evaluation, warm starts, export) find a run's step folder, its training config and its
+parameters here too, so "committed step" has one definition.
 """
 import json
 import os
@@ -13,10 +16,12 @@ import re
 import zlib
 
 import jax
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from clmae_jax.runtime.errors import UserError
+from clmae_jax.runtime.errors import MissingInputError, UserError
 
 MANIFEST = "checksums.json"
 COMMIT_MARKER = "commit_success.txt"
@@ -129,12 +134,66 @@ def checkpoints_directory(workdir: str) -> str:
 
 
 def committed_steps(checkpoints_dir: str) -> list:
-    """Steps under WORKDIR/checkpoints that orbax finished writing, oldest first."""
+    """Steps under WORKDIR/checkpoints that orbax finalized and marked committed, oldest first."""
     if not os.path.isdir(checkpoints_dir):
         return []
-    steps = [int(n) for n in os.listdir(checkpoints_dir)
-             if n.isdigit() and os.path.exists(os.path.join(checkpoints_dir, n, COMMIT_MARKER))]
-    return sorted(steps)
+    steps = ocp.utils.checkpoint_steps(checkpoints_dir)
+    return sorted(s for s in steps if os.path.exists(os.path.join(checkpoints_dir, str(s), COMMIT_MARKER)))
+
+
+def is_run_folder(path: str) -> bool:
+    """True for our own run folders (a workdir with checkpoints/, or a step folder with state/)."""
+    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "state"))
+
+
+def resolve_step_folder(path: str, step: int = -1) -> tuple[str, str, int]:
+    """(workdir, step folder, step) for a workdir (newest committed step, or `step` when >= 0) or a step folder."""
+    path = os.path.abspath(path.rstrip("/"))
+    if os.path.isdir(os.path.join(path, "state")):  # A step folder: WORKDIR/checkpoints/<step>.
+        return os.path.dirname(os.path.dirname(path)), path, int(os.path.basename(path))
+    steps = committed_steps(checkpoints_directory(path))
+    if not steps:
+        raise MissingInputError(f"No committed checkpoint under {path}/checkpoints; point the path at a workdir "
+                                "of a finished or running run, or at one of its checkpoints/<step> folders.")
+    if step >= 0 and step not in steps:
+        raise MissingInputError(f"{path} has no checkpoint of step {step} (it has {steps}); choose one of those.")
+    chosen = step if step >= 0 else steps[-1]
+    return path, os.path.join(path, "checkpoints", str(chosen)), chosen
+
+
+def read_train_config(workdir: str, step_folder: str) -> ml_collections.ConfigDict:
+    """The training config of a checkpoint: saved in it (metadata/metadata), or for checkpoints written before
+    that, the WORKDIR/config.json of its run."""
+    try:
+        with open(os.path.join(step_folder, "metadata", "metadata")) as f:
+            saved = json.load(f).get("config")
+    except (OSError, ValueError):
+        saved = None
+    if saved:
+        return ml_collections.ConfigDict(saved)
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise MissingInputError(f"{path} not found: the checkpoint's model (ViT size) is unknown; the run's workdir "
+                                "must hold the config.json main.py writes.")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def params_metadata(step_folder: str) -> dict:
+    """The tree of parameter metadata (shapes, dtypes) of one of our checkpoints; nothing is read but metadata."""
+    tree = ocp.PyTreeCheckpointer().metadata(os.path.join(step_folder, "state"))
+    tree = getattr(tree, "item_metadata", tree)
+    return getattr(tree, "tree", tree)["params"]
+
+
+def restore_params(step_folder: str, wanted: dict | None = None) -> dict:
+    """The parameters of a checkpoint as numpy: all, or the subtree `wanted` of `params_metadata` (the optimizer
+    state and every other leaf stay on disk)."""
+    wanted = {"params": params_metadata(step_folder) if wanted is None else wanted}
+    item = jax.tree.map(lambda m: np.zeros((), m.dtype), wanted)  # Leaf types only; shapes come from the files.
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    return ocp.PyTreeCheckpointer().restore(os.path.join(step_folder, "state"), args=args)["params"]
 
 
 class Checkpointer:

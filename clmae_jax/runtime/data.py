@@ -25,6 +25,9 @@ from clmae_jax.runtime.errors import MissingInputError, UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+SOURCES = ("tfds", "fashion_mnist_idx", "image_folder")
+AUGMENTATIONS = ("mae", "crop_flip", "none")
+EVAL_TRANSFORMS = ("center_crop", "resize")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +166,7 @@ def load_source(config, split: str) -> Source:
         return tfds_source(config.name, split, config.data_dir)
     if kind == "image_folder":
         return image_folder(split, config.data_dir)
-    raise UserError(f"Unknown config.input.source {kind!r}; use 'tfds', 'fashion_mnist_idx' or 'image_folder'.")
+    raise UserError(f"Unknown config.input.source {kind!r}; use one of {SOURCES}.")
 
 
 def _decode_bytes(image, channels: int):
@@ -228,7 +231,7 @@ def preprocess_train(example, seed, config, encoded: bool):
     elif augment == "none":
         image = _resize(image, config.image_size)
     else:
-        raise UserError(f"Unknown config.input.augment {augment!r}; use 'mae', 'crop_flip' or 'none'.")
+        raise UserError(f"Unknown config.input.augment {augment!r}; use one of {AUGMENTATIONS}.")
     if augment != "none":
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     image.set_shape((config.image_size, config.image_size, config.channels))
@@ -262,8 +265,8 @@ def eval_iterator(config, source: Source, batch_size: int):
     per_process = -(-source.num_examples // jax.process_count())
     num_batches = -(-per_process // batch_size)
     transform = config.get("eval_transform", "center_crop")
-    if transform not in ("center_crop", "resize"):
-        raise UserError(f"Unknown config.input.eval_transform {transform!r}; use 'center_crop' or 'resize'.")
+    if transform not in EVAL_TRANSFORMS:
+        raise UserError(f"Unknown config.input.eval_transform {transform!r}; use one of {EVAL_TRANSFORMS}.")
 
     def prepare(ex):
         image = _decode(ex["image"], source.encoded, config.channels)

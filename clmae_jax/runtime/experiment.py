@@ -80,14 +80,8 @@ class Experiment:
         return [self.make_evaluator(name, c) for name, c in sorted(self.config.get("evals", {}).items())]
 
     def make_evaluator(self, name: str, eval_config):
-        """The evaluator config.evals.<name> asks for (pretraining: encoder evaluators such as kNN)."""
-        from clmae_jax import evaluate  # Evaluation code is only loaded by runs that evaluate.
-        return EncoderEvaluator(evaluate.make_evaluator(eval_config, self.config, self.mesh), self.encoder_params)
-
-    def encoder_params(self, state):
-        """The MAE parameters inside `state` that encoder evaluators read."""
-        raise UserError(f"{type(self).__name__} has no encoder to evaluate; remove config.evals entries of "
-                        "encoder protocols.")
+        """The evaluator config.evals.<name> asks for; subclasses that evaluate define it."""
+        raise UserError(f"{type(self).__name__} runs no evaluators; remove config.evals.{name}.")
 
     def eval_scalars(self, step: int) -> dict:
         """Scalars written next to evaluation results (e.g. the masking ratio of the epoch)."""
@@ -97,14 +91,3 @@ class Experiment:
         """JSON-able facts saved with the checkpoint at `step`."""
         return {}
 
-
-class EncoderEvaluator:
-    """An encoder evaluator (which reads MAE parameters) applied to a pretraining train state."""
-
-    def __init__(self, evaluator, encoder_params):
-        self.evaluator, self.encoder_params = evaluator, encoder_params
-        self.every_steps, self.best_key = evaluator.every_steps, evaluator.best_key
-
-    def run(self, state) -> dict:
-        """The evaluator's scalars for the encoder in `state`."""
-        return self.evaluator.run(self.encoder_params(state))

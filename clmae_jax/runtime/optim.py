@@ -16,6 +16,10 @@ def learning_rate(config, global_batch_size: int) -> float:
     return config.lr if config.get("lr") else config.base_lr * global_batch_size / 256
 
 
+OPTIMIZERS = ("adamw", "sgd", "adamax")
+LR_SCHEDULES = ("cosine", "step", "constant")
+
+
 def schedule(config, peak_lr: float, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """Per-step learning rate: 'cosine' (linear warm-up, half-cycle cosine to min_lr), 'step' or 'constant'."""
     if config.schedule == "cosine":
@@ -28,7 +32,7 @@ def schedule(config, peak_lr: float, steps_per_epoch: int, total_steps: int) -> 
         return optax.piecewise_constant_schedule(peak_lr, boundaries)
     if config.schedule == "constant":
         return optax.constant_schedule(peak_lr)
-    raise UserError(f"Unknown config.optimizer.schedule {config.schedule!r}; use 'cosine', 'step' or 'constant'.")
+    raise UserError(f"Unknown config.optimizer.schedule {config.schedule!r}; use one of {LR_SCHEDULES}.")
 
 
 def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -44,7 +48,7 @@ def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransfo
     elif config.name == "adamax":
         tx = optax.adamax(lr_schedule)
     else:
-        raise UserError(f"Unknown config.optimizer.name {config.name!r}; use 'adamw', 'sgd' or 'adamax'.")
+        raise UserError(f"Unknown config.optimizer.name {config.name!r}; use one of {OPTIMIZERS}.")
     if config.get("grad_clip"):
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
     return tx

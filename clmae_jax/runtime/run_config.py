@@ -17,7 +17,8 @@ from clmae_jax.runtime.errors import UserError
 CONFIG_FILE, HISTORY_FILE = "config.json", "config_history.json"
 # Fields whose change changes the parameters (their shapes or what they mean), except the compute-only model
 # fields below: a checkpoint of the old values is not a checkpoint of the new ones.
-EVALUATES = {"cbm_eval": "cbm"}  # Experiments that evaluate a run of another experiment in its own workdir.
+# Experiments that evaluate a run of another experiment in its own workdir -> the experiments they read.
+EVALUATES = {"cbm_eval": ("cbm", "finetune")}
 PARAMETER_FIELDS = ("experiment", "model.", "input.image_size", "input.channels", "clmae.masker_depth",
                     "clmae.masker_heads")
 COMPUTE_ONLY = ("model.dtype", "model.attention", "model.remat", "model.init_from")
@@ -72,7 +73,8 @@ def check_resume(config, workdir: str) -> dict:
         return {}
     current = as_dict(config)
     # An evaluation of the run (cbm_eval) reads the trainer's checkpoints: the same experiment, as far as they go.
-    current["experiment"] = EVALUATES.get(current["experiment"], current["experiment"])
+    if saved.get("experiment") in EVALUATES.get(current["experiment"], ()):
+        current["experiment"] = saved["experiment"]
     changes = changed_fields(saved, current)
     refused = {k: v for k, v in changes.items() if changes_parameters(k)}
     if refused:

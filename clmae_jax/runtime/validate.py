@@ -1,30 +1,30 @@
 """Every value a user sets, checked before anything is built or compiled: one line naming the field and the fix.
 
 Checks that need the data (batch larger than the split) or the trainer's own tables (CBM schedules, CvT weights)
-stay where those are known; everything else is here, so a bad value fails in a second, not after a compile.
+stay where those are known; everything else is here, so a bad value fails in a second, not after a compile. The
+accepted names of a field come from the module that reads it: the runtime's and the models' below, an experiment's
+own (CL-MAE's curriculum, CBM's salience) from its module's OPTIONS, which main.py passes in.
 """
 import os
 import tempfile
 
 import jax
 
-from clmae_jax.models.vit import vit_size
-from clmae_jax.runtime.errors import UserError
+from clmae_jax.models.vit import ATTENTION_IMPLEMENTATIONS, POSITION_EMBEDDINGS, vit_size
+from clmae_jax.runtime import data, loop, optim
+from clmae_jax.runtime.errors import UserError, check_tiling
 
-NAMES = {  # Field -> accepted values (the modules that read them raise the same lists).
-    "nonfinite": ("stop", "skip"),
-    "input.source": ("tfds", "fashion_mnist_idx", "image_folder"),
-    "input.augment": ("mae", "crop_flip", "none"),
-    "input.eval_transform": ("center_crop", "resize"),
-    "optimizer.name": ("adamw", "sgd", "adamax"),
-    "optimizer.schedule": ("cosine", "step", "constant"),
+NAMES = {  # Field -> accepted values, as the module that reads the field defines them.
+    "nonfinite": loop.NONFINITE_MODES,
+    "input.source": data.SOURCES,
+    "input.augment": data.AUGMENTATIONS,
+    "input.eval_transform": data.EVAL_TRANSFORMS,
+    "optimizer.name": optim.OPTIMIZERS,
+    "optimizer.schedule": optim.LR_SCHEDULES,
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.pos_embed": ("sincos", "learned"),
+    "model.pos_embed": POSITION_EMBEDDINGS,
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.attention": ("einsum", "xla", "cudnn"),
-    "clmae.curriculum": ("linear", "partner", "adversary", "neutral"),
-    "clmae.freeze": ("exact", "official"),
-    "cbm.salience": ("sobel", "uniform"),
+    "model.attention": ATTENTION_IMPLEMENTATIONS,
 }
 
 # Field -> (lowest allowed, fix). Integers unless noted; absent fields are not checked.
@@ -72,9 +72,9 @@ def fail(field: str, value, problem: str, fix: str):
     raise UserError(f"config.{field}={value!r} {problem}; {fix}.")
 
 
-def check_names(config):
-    """Every enumerated field holds one of its accepted values."""
-    for field, allowed in NAMES.items():
+def check_names(config, options: dict):
+    """Every enumerated field (NAMES and the experiment's `options`) holds one of its accepted values."""
+    for field, allowed in {**NAMES, **options}.items():
         value = get(config, field)
         if value is not None and value not in allowed:
             fail(field, value, "is not a known value", f"use one of {', '.join(map(repr, allowed))}")
@@ -147,8 +147,9 @@ def check_input(config):
 def check_model(config):
     """Mask ratio and patch grid of MAE / CL-MAE models."""
     patch, size = get(config, "model.patch_size"), config.input.image_size
-    if patch and size % patch:
-        fail("input.image_size", size, f"is not divisible by config.model.patch_size={patch}", "change one of them")
+    if patch:
+        check_tiling(size, size, patch, f"config.model.patch_size={patch} (config.input.image_size={size})",
+                     "change one of them")
     ratio = get(config, "mae.mask_ratio")
     if ratio is None:
         return
@@ -187,10 +188,11 @@ def check_workdir(workdir: str):
                         "or fix its permissions.") from e
 
 
-def check_config(config, workdir: str | None = None):
-    """Raises UserError for the first bad user-set value of `config` (and an unusable `workdir`)."""
+def check_config(config, workdir: str | None = None, options: dict | None = None):
+    """Raises UserError for the first bad user-set value of `config` (and an unusable `workdir`); `options` are the
+    experiment module's own {field: accepted values}."""
     check_ranges(config)
-    check_names(config)
+    check_names(config, options or {})
     check_batch(config)
     check_input(config)
     check_model(config)

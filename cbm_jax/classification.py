@@ -6,7 +6,7 @@ import optax
 from clmae_jax.runtime import data, mesh as mesh_lib
 
 
-def make_eval_step(apply_logits, config):
+def accuracy_step(apply_logits, config):
     """(state, batch) -> summed correct predictions, loss and real examples (padding excluded).
 
     `apply_logits(state, normalized_images) -> logits`.
