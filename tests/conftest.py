@@ -1,15 +1,17 @@
 """Shared test set-up: the repo on sys.path, quiet TensorFlow, a persistent XLA cache, torchvision before
-TensorFlow, and a runner for main.py in a subprocess."""
+TensorFlow; the one way to run main.py in a subprocess (Main, run_main) and to read a checkpoint (load_state)."""
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 
 # One compilation cache for this pytest run, its xdist workers and every main.py they start (set before jax is
 # imported; subprocesses inherit it): the many short main.py runs of the same test configs compile once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"clmae_jax_tests_xla_cache_{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # The CPU backend for every test and subprocess: with libtpu installed (the TPU compile tests), JAX would otherwise
 # spend seconds looking for a TPU at every start and print errors; deviceless TPU compiles do not need it.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -24,6 +26,9 @@ import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Runs `python main.py ...` (argv[2:]) with every file it writes limited to argv[1] bytes.
+LIMITED = ("import os, resource, sys; limit = int(sys.argv[1]); "
+           "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); os.execv(sys.argv[2], sys.argv[2:])")
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -33,21 +38,56 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: the longest tests (CI runs them; `-m 'not slow'` for a quick pass)")
 
 
-def _run_main(workdir, config, *overrides, devices=1, extra_flags=(), timeout=600, check=True):
-    """Runs `python main.py` with `devices` fake CPU devices; returns the CompletedProcess."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={os.path.join(ROOT, 'configs', config)}",
-           f"--workdir={workdir}", *overrides, *extra_flags]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if check and proc.returncode:
-        raise AssertionError(f"main.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+class Main:
+    """`python main.py` in a subprocess on `devices` fake CPU devices; its stderr (the log) collected as it comes."""
+
+    def __init__(self, workdir, config, *overrides, devices=1, file_limit=0, extra_flags=()):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+        cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={os.path.join(ROOT, 'configs', config)}",
+               f"--workdir={workdir}", *overrides, *extra_flags]
+        if file_limit:  # No file may grow past file_limit bytes: writes beyond fail (EFBIG), as on a full disk.
+            cmd = [sys.executable, "-c", LIMITED, str(file_limit), *cmd]
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.lines, self.printed = [], []
+        self.readers = [threading.Thread(target=into.extend, args=(pipe,), daemon=True)
+                        for into, pipe in ((self.lines, self.proc.stderr), (self.printed, self.proc.stdout))]
+        for reader in self.readers:
+            reader.start()
+
+    def wait(self, timeout=600) -> int:
+        """Exit status, once the process and its output have ended."""
+        self.proc.wait(timeout)
+        for reader in self.readers:
+            reader.join(timeout)
+        return self.proc.returncode
+
+    @property
+    def returncode(self):
+        """The exit status (None while running)."""
+        return self.proc.returncode
+
+    @property
+    def stderr(self) -> str:
+        """Everything the run logged so far."""
+        return "".join(self.lines)
+
+    @property
+    def stdout(self) -> str:
+        """What the run printed (tables)."""
+        return "".join(self.printed)
+
+    def last_line(self) -> str:
+        """The last log line: the one-line error of a failed run."""
+        return self.stderr.strip().splitlines()[-1]
 
 
-@pytest.fixture
-def run_main():
-    """`run_main(workdir, config, *overrides, devices=1)` -> CompletedProcess of main.py."""
-    return _run_main
+def run_main(workdir, config, *overrides, check=True, timeout=600, **kwargs) -> Main:
+    """Runs main.py to its end (see Main); with `check`, a failed run fails the test with the log's tail."""
+    run = Main(workdir, config, *overrides, **kwargs)
+    if run.wait(timeout) and check:
+        raise AssertionError(f"main.py failed ({run.returncode}):\n{run.stderr[-4000:]}")
+    return run
 
 
 @pytest.fixture
@@ -57,14 +97,20 @@ def scalars():
     return read_scalars
 
 
-def load_params(workdir, step):
-    """Parameters of the checkpoint at `step`, as numpy, read without a template."""
+def load_state(workdir, step) -> dict:
+    """The whole train state of the checkpoint at `step` (params, optimizer state, step), as numpy, read without a
+    template."""
     path = os.path.join(workdir, "checkpoints", str(step), "state")
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(path).item_metadata.tree
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    return jax.device_get(checkpointer.restore(path, target)["params"])
+    return jax.tree.map(np.asarray, jax.device_get(checkpointer.restore(path, target)))
+
+
+def load_params(workdir, step) -> dict:
+    """Parameters of the checkpoint at `step`, as numpy."""
+    return load_state(workdir, step)["params"]
 
 
 def assert_trees_close(a, b, atol):

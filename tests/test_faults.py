@@ -13,15 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, Main, load_state, run_main
 from cbm_jax import train_supervised
 from clmae_jax import train_clmae
 from clmae_jax.runtime import checkpoint, lock, validate
@@ -31,76 +29,29 @@ from configs import cbm_fashion_mnist, clmae_fashion_mnist, mae_fashion_mnist
 TOTAL = 12  # Steps of every run here: room for five kill points of at most two steps each.
 FAST = ("--config.input.shuffle_buffer=64", "--config.image_every_steps=0", "--config.log_every_steps=1",
         "--config.checkpoint_every_steps=1", f"--config.total_steps={TOTAL}")
-LIMITED = ("import os, resource, sys; limit = int(sys.argv[1]); "
-           "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); os.execv(sys.argv[2], sys.argv[2:])")
 MAE, CLMAE, CBM = "mae_fashion_mnist.py:test", "clmae_fashion_mnist.py:test", "cbm_fashion_mnist.py:test"
 
 
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache shared by the runs: reruns skip compilation (half of a short run's time)."""
-    return str(tmp_path_factory.mktemp("xla_cache"))
-
-
-class Main:
-    """`python main.py` in a subprocess whose log lines are collected as they come."""
-
-    def __init__(self, workdir, config, *overrides, cache="", file_limit=0, extra_flags=()):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-        if cache:
-            env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-        cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={ROOT}/configs/{config}",
-               f"--workdir={workdir}", *FAST, *overrides, *extra_flags]
-        if file_limit:  # No file may grow past file_limit bytes: writes beyond fail (EFBIG), as on a full disk.
-            cmd = [sys.executable, "-c", LIMITED, str(file_limit), *cmd]
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
-        self.lines = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
-        self.reader.start()
-
-    def wait(self, timeout=600) -> int:
-        """Exit status, once the process and its log have ended."""
-        code = self.proc.wait(timeout)
-        self.reader.join(timeout)
-        return code
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def last_line(self) -> str:
-        return self.log.strip().splitlines()[-1]
+def fault_run(workdir, config, *overrides, **kwargs) -> Main:
+    """main.py started on a 12-step run that logs and saves every step (FAST), then `overrides`."""
+    return Main(workdir, config, *FAST, *overrides, **kwargs)
 
 
 def run_ok(workdir, config, *overrides, **kwargs) -> Main:
-    """A run that must succeed."""
-    run = Main(workdir, config, *overrides, **kwargs)
-    assert run.wait() == 0, run.log[-4000:]
-    return run
+    """A fault_run that must succeed."""
+    return run_main(workdir, config, *FAST, *overrides, **kwargs)
 
 
 def run_failing(workdir, config, *overrides, **kwargs) -> Main:
-    """A run that must fail; its last line is the user's error."""
-    run = Main(workdir, config, *overrides, **kwargs)
-    assert run.wait() != 0, run.log[-4000:]
+    """A fault_run that must fail; its last line is the user's error."""
+    run = run_main(workdir, config, *FAST, *overrides, check=False, **kwargs)
+    assert run.returncode != 0, run.stderr[-4000:]
     return run
-
-
-def load_state(workdir, step) -> list:
-    """Every leaf of the train state saved at `step` (params, optimizer state, step), as numpy arrays."""
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    checkpointer = ocp.StandardCheckpointer()
-    metadata = checkpointer.metadata(path).item_metadata.tree
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(checkpointer.restore(path, target)))]
 
 
 def assert_same_state(workdir_a, workdir_b, step=TOTAL):
     """The two runs saved bitwise the same train state at `step`."""
-    a, b = load_state(workdir_a, step), load_state(workdir_b, step)
+    a, b = (jax.tree.leaves(load_state(w, step)) for w in (workdir_a, workdir_b))
     assert len(a) == len(b)
     assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
 
@@ -112,10 +63,10 @@ def steps_on_disk(workdir) -> list:
 
 
 @pytest.fixture(scope="module")
-def mae_reference(tmp_path_factory, compile_cache):
+def mae_reference(tmp_path_factory):
     """An uninterrupted MAE run keeping a checkpoint of every step."""
     workdir = str(tmp_path_factory.mktemp("mae_reference"))
-    run_ok(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", cache=compile_cache)
+    run_ok(workdir, MAE, f"--config.keep_checkpoints={TOTAL}")
     return workdir
 
 
@@ -143,9 +94,9 @@ def kill_point_reached(kind: str, step: int, workdir: str, lines: list) -> bool:
     return str(step) in names
 
 
-def run_and_kill(workdir, config, kind, step, rng, cache) -> None:
+def run_and_kill(workdir, config, kind, step, rng) -> None:
     """Starts main.py and kills it with SIGKILL at the kill point (fails if the run ends first)."""
-    run = Main(workdir, config, cache=cache)
+    run = fault_run(workdir, config)
     while run.proc.poll() is None:
         if kill_point_reached(kind, step, workdir, run.lines):
             time.sleep(rng.uniform(0, 0.2) if kind == "step" else 0)  # Somewhere inside the next step.
@@ -154,23 +105,23 @@ def run_and_kill(workdir, config, kind, step, rng, cache) -> None:
             return
         time.sleep(0.002)
     pytest.fail(f"kill point {kind} {step} never reached; the run ended with {run.proc.returncode}:\n"
-                f"{run.log[-3000:]}")
+                f"{run.stderr[-3000:]}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config,seed", [(MAE, 0), (CLMAE, 1), (CBM, 2)])
-def test_kill_9_anywhere_then_rerun_equals_uninterrupted(tmp_path, compile_cache, config, seed):
+def test_kill_9_anywhere_then_rerun_equals_uninterrupted(tmp_path, config, seed):
     reference, workdir = str(tmp_path / "reference"), str(tmp_path / "killed")
-    run_ok(reference, config, cache=compile_cache)
+    run_ok(reference, config)
     rng = np.random.default_rng(seed)
     kills = []
     for kind in rng.permutation(["step", "save", "commit", "step", "save"]):
         resume = max(steps_on_disk(workdir), default=0)
         step = min(resume + 1 + int(rng.integers(0, 2)), TOTAL - 1)
-        run_and_kill(workdir, config, kind, step, rng, compile_cache)
+        run_and_kill(workdir, config, kind, step, rng)
         kills.append((kind, step))
-    final = run_ok(workdir, config, cache=compile_cache)
-    assert len(kills) == 5 and "starting at step 0" not in final.log, kills
+    final = run_ok(workdir, config)
+    assert len(kills) == 5 and "starting at step 0" not in final.stderr, kills
     assert_same_state(reference, workdir)
     assert not os.path.exists(os.path.join(workdir, "checkpoints_corrupt")), kills  # Nothing set aside or lost.
 
@@ -181,7 +132,7 @@ def test_kill_9_anywhere_then_rerun_equals_uninterrupted(tmp_path, compile_cache
 def wait_for_step(run: Main, step: int):
     """Returns once `run` logged `step` (fails if it ended before)."""
     while not any(re.search(rf"\] \[{step}\] ", line) for line in run.lines):
-        assert run.proc.poll() is None, run.log[-3000:]
+        assert run.proc.poll() is None, run.stderr[-3000:]
         time.sleep(0.02)
 
 
@@ -192,21 +143,21 @@ def stopped_line(number, step: int, workdir: str) -> str:
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
                          ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_the_current_step_and_the_rerun_equals_uninterrupted(tmp_path, mae_reference, compile_cache,
+def test_signal_saves_the_current_step_and_the_rerun_equals_uninterrupted(tmp_path, mae_reference,
                                                                          number):
     workdir = str(tmp_path / "signalled")
-    run = Main(workdir, MAE, "--config.checkpoint_every_steps=0", cache=compile_cache)  # Saves only at the end.
+    run = fault_run(workdir, MAE, "--config.checkpoint_every_steps=0")  # Saves only at the end.
     wait_for_step(run, 4)
     run.proc.send_signal(number)
     time.sleep(0.3)
     run.proc.send_signal(number)  # A second notice, while the first one's save is under way.
-    assert run.wait() == 75, run.log[-3000:]
+    assert run.wait() == 75, run.stderr[-3000:]
     saved = steps_on_disk(workdir)
     assert len(saved) == 1 and 4 <= saved[0] < TOTAL, saved
     assert run.last_line() == stopped_line(number, saved[0], workdir)
-    assert "Traceback" not in run.log
-    rerun = run_ok(workdir, MAE, "--config.checkpoint_every_steps=0", cache=compile_cache)
-    assert f"starting at step {saved[0]} of {TOTAL}" in rerun.log
+    assert "Traceback" not in run.stderr
+    rerun = run_ok(workdir, MAE, "--config.checkpoint_every_steps=0")
+    assert f"starting at step {saved[0]} of {TOTAL}" in rerun.stderr
     assert_same_state(mae_reference, workdir)
 
 
@@ -216,27 +167,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pair(workdir, cache, *overrides, peer_timeout_s=10) -> list:
+def pair(workdir, *overrides, peer_timeout_s=10) -> list:
     """Processes 0 and 1 of a 2-process MAE run (one CPU device each)."""
     port = free_port()
-    return [Main(workdir, MAE, *overrides, cache=cache, extra_flags=(
+    return [fault_run(workdir, MAE, *overrides, extra_flags=(
         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
         f"--peer_timeout_s={peer_timeout_s}")) for i in range(2)]
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_saves_the_step_both_agree_on(tmp_path, compile_cache):
+def test_sigterm_to_one_of_two_processes_saves_the_step_both_agree_on(tmp_path):
     workdir = str(tmp_path / "pair")
-    runs = pair(workdir, compile_cache, "--config.checkpoint_every_steps=0")
+    runs = pair(workdir, "--config.checkpoint_every_steps=0")
     wait_for_step(runs[1], 4)
     runs[1].proc.send_signal(signal.SIGTERM)  # The notice reaches one host only.
-    assert [r.wait() for r in runs] == [75, 75], runs[0].log[-3000:]
+    assert [r.wait() for r in runs] == [75, 75], runs[0].stderr[-3000:]
     saved = steps_on_disk(workdir)
     assert len(saved) == 1 and 4 <= saved[0] < TOTAL, saved
     assert [r.last_line() for r in runs] == [stopped_line(signal.SIGTERM, saved[0], workdir)] * 2
-    rerun = pair(workdir, compile_cache, "--config.checkpoint_every_steps=0")
-    assert [r.wait() for r in rerun] == [0, 0], rerun[0].log[-3000:]
-    assert f"starting at step {saved[0]} of {TOTAL}" in rerun[0].log
+    rerun = pair(workdir, "--config.checkpoint_every_steps=0")
+    assert [r.wait() for r in rerun] == [0, 0], rerun[0].stderr[-3000:]
+    assert f"starting at step {saved[0]} of {TOTAL}" in rerun[0].stderr
 
 
 # ---------------------------------------------------------------- corrupt, partial and foreign checkpoints ----
@@ -278,39 +229,39 @@ def garble_manifest(step_dir):
     (truncate, remove_metadata, ("truncated state/", "missing state/_METADATA")),
     (garble_manifest, remove_commit_marker, ("garbled checksums.json", "uncommitted")),
 ])
-def test_corrupt_newest_checkpoints_are_set_aside_and_the_run_resumes(tmp_path, mae_reference, compile_cache,
+def test_corrupt_newest_checkpoints_are_set_aside_and_the_run_resumes(tmp_path, mae_reference,
                                                                       newest, second, reasons):
     workdir = copy_of(mae_reference, tmp_path)
     newest(os.path.join(workdir, "checkpoints", str(TOTAL)))
     second(os.path.join(workdir, "checkpoints", str(TOTAL - 1)))
-    run = run_ok(workdir, MAE, cache=compile_cache)
+    run = run_ok(workdir, MAE)
     warnings = [line for line in run.lines if "cannot be restored" in line]
-    assert len(warnings) == 2, run.log[-3000:]
+    assert len(warnings) == 2, run.stderr[-3000:]
     for step, reason, warning in zip((TOTAL, TOTAL - 1), reasons, warnings):
         assert f"Checkpoint step {step} cannot be restored: {reason}" in warning
         assert f"moved it to {workdir}/checkpoints_corrupt/{step}-{reason.split()[0]}" in warning
-    assert f"Restored checkpoint {workdir}/checkpoints/{TOTAL - 2}, the newest that reads back" in run.log
+    assert f"Restored checkpoint {workdir}/checkpoints/{TOTAL - 2}, the newest that reads back" in run.stderr
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints_corrupt"))) == sorted(
         f"{s}-{r.split()[0]}" for s, r in zip((TOTAL, TOTAL - 1), reasons))
     assert_same_state(mae_reference, workdir)  # Retrained the two lost steps exactly.
 
 
-def test_committed_step_without_manifest_restores_and_gets_one(tmp_path, mae_reference, compile_cache):
+def test_committed_step_without_manifest_restores_and_gets_one(tmp_path, mae_reference):
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL - 1,))
     step_dir = os.path.join(workdir, "checkpoints", str(TOTAL - 1))
     os.remove(os.path.join(step_dir, "checksums.json"))  # Killed between orbax's commit and the manifest.
-    run = run_ok(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", cache=compile_cache)
-    assert f"Restored checkpoint {step_dir}" in run.log
+    run = run_ok(workdir, MAE, f"--config.keep_checkpoints={TOTAL}")
+    assert f"Restored checkpoint {step_dir}" in run.stderr
     with open(os.path.join(step_dir, "checksums.json")) as f:
         assert json.load(f) == json.loads(json.dumps(checkpoint.file_digests(step_dir)))
     assert_same_state(mae_reference, workdir)
 
 
-def test_when_no_checkpoint_restores_the_error_lists_what_was_tried(tmp_path, mae_reference, compile_cache):
+def test_when_no_checkpoint_restores_the_error_lists_what_was_tried(tmp_path, mae_reference):
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL - 1, TOTAL))
     write_random_bytes(os.path.join(workdir, "checkpoints", str(TOTAL)))
     remove_commit_marker(os.path.join(workdir, "checkpoints", str(TOTAL - 1)))
-    run = run_failing(workdir, MAE, cache=compile_cache)
+    run = run_failing(workdir, MAE)
     assert re.fullmatch(rf"error: No checkpoint in {workdir}/checkpoints can be restored: step {TOTAL} \(checksum "
                         rf"mismatch in state/\S+\), step {TOTAL - 1} \(uncommitted \(no commit_success.txt\)\)\. "
                         r"Move those step folders elsewhere to start over, or use a new --workdir\.",
@@ -324,15 +275,15 @@ def test_when_no_checkpoint_restores_the_error_lists_what_was_tried(tmp_path, ma
     (MAE, ("--config.model.size=tiny",), "params/cls_token/cls has shape (1, 1, 128) in the checkpoint and "
                                          "(1, 1, 192) in this config"),
 ])
-def test_checkpoint_of_another_config_is_one_line_naming_the_field(tmp_path, mae_reference, compile_cache, config,
+def test_checkpoint_of_another_config_is_one_line_naming_the_field(tmp_path, mae_reference, config,
                                                                    override, field):
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL,))
     for name in ("config.json", "config_history.json"):  # A workdir without its run's config: the checkpoint tells.
         os.remove(os.path.join(workdir, name))
-    run = run_failing(workdir, config, *override, cache=compile_cache)
+    run = run_failing(workdir, config, *override)
     assert run.last_line() == (f"error: Checkpoint {workdir}/checkpoints/{TOTAL} was written by another config: "
                                f"{field}; use a new --workdir, or the config (experiment, model size) that wrote it.")
-    assert not re.search(r"\] \[1\] ", run.log)  # Stopped before training (and compiling) anything.
+    assert not re.search(r"\] \[1\] ", run.stderr)  # Stopped before training (and compiling) anything.
     assert steps_on_disk(workdir) == [TOTAL]  # A foreign checkpoint is not corrupt: left alone.
 
 
@@ -347,11 +298,11 @@ def snapshot(workdir) -> dict:
 
 
 def test_resume_that_changes_the_model_is_refused_and_leaves_the_workdir_as_it_was(tmp_path, mae_reference,
-                                                                                    compile_cache):
+                                                                                    ):
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL,))
     before = snapshot(workdir)
     run = run_failing(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", "--config.model.size=tiny",
-                      "--config.model.decoder_heads=2", "--config.seed=5", cache=compile_cache)
+                      "--config.model.decoder_heads=2", "--config.seed=5")
     assert run.last_line() == (
         f"error: --workdir={workdir} holds a run of another model; this config changes model.decoder_heads 4 -> 2, "
         "model.size 'mini' -> 'tiny', seed 0 -> 5. Drop the changes to model.decoder_heads, model.size to resume, "
@@ -359,10 +310,9 @@ def test_resume_that_changes_the_model_is_refused_and_leaves_the_workdir_as_it_w
     assert snapshot(workdir) == before
 
 
-def test_resume_with_other_settings_goes_on_and_keeps_a_config_history(tmp_path, mae_reference, compile_cache):
+def test_resume_with_other_settings_goes_on_and_keeps_a_config_history(tmp_path, mae_reference):
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL - 2,))
-    run = run_ok(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", "--config.seed=5", "--config.batch_size=8",
-                 cache=compile_cache)
+    run = run_ok(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", "--config.seed=5", "--config.batch_size=8")
     warnings = [line for line in run.lines if "changed config" in line]
     assert len(warnings) == 1 and warnings[0].rstrip().endswith(
         "Resuming with a changed config: batch_size 16 -> 8, seed 0 -> 5 (kept in config_history.json)"), warnings
@@ -387,9 +337,9 @@ def test_export_and_evaluation_read_the_geometry_saved_in_the_checkpoint(tmp_pat
 # ---------------------------------------------------------------- non-finite training ---------------------------
 
 
-def test_huge_learning_rate_stops_with_one_line_and_no_nan_checkpoint(tmp_path, compile_cache):
+def test_huge_learning_rate_stops_with_one_line_and_no_nan_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
-    run = run_failing(workdir, MAE, "--config.optimizer.base_lr=1e6", cache=compile_cache)
+    run = run_failing(workdir, MAE, "--config.optimizer.base_lr=1e6")
     assert re.fullmatch(r"error: Non-finite .*(loss|grad_norm|params).* at step \d+.*", run.last_line()), \
         run.last_line()
     for step in steps_on_disk(workdir):
@@ -399,17 +349,17 @@ def test_huge_learning_rate_stops_with_one_line_and_no_nan_checkpoint(tmp_path, 
 # ---------------------------------------------------------------- full disk -------------------------------------
 
 
-def test_full_disk_while_saving_is_one_line_and_the_rerun_loses_nothing(tmp_path, mae_reference, compile_cache):
+def test_full_disk_while_saving_is_one_line_and_the_rerun_loses_nothing(tmp_path, mae_reference):
     workdir = copy_of(mae_reference, tmp_path, keep=(3, 4))
     # Files may not grow past 2 MB: logs and the XLA cache fit, a checkpoint's data files do not (EFBIG, the same
     # failed write as ENOSPC to the code that saves).
-    run = run_failing(workdir, MAE, cache=compile_cache, file_limit=2 << 20)
+    run = run_failing(workdir, MAE, file_limit=2 << 20)
     assert re.fullmatch(rf"error: Saving checkpoint step 5 in {workdir}/checkpoints failed \(File too large\); the "
                         r"checkpoint of step 4 is intact\. Free disk space \(or fix the folder's permissions\) and "
                         r"rerun to resume\.", run.last_line()), run.last_line()
     assert steps_on_disk(workdir) == [3, 4]
-    rerun = run_ok(workdir, MAE, cache=compile_cache)
-    assert f"Restored checkpoint {workdir}/checkpoints/4" in rerun.log
+    rerun = run_ok(workdir, MAE)
+    assert f"Restored checkpoint {workdir}/checkpoints/4" in rerun.stderr
     assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]
     assert_same_state(mae_reference, workdir)
 
@@ -417,19 +367,19 @@ def test_full_disk_while_saving_is_one_line_and_the_rerun_loses_nothing(tmp_path
 # ---------------------------------------------------------------- one run per workdir ---------------------------
 
 
-def test_second_run_on_a_workdir_is_refused_and_a_crashed_holder_is_taken_over(tmp_path, compile_cache):
+def test_second_run_on_a_workdir_is_refused_and_a_crashed_holder_is_taken_over(tmp_path):
     workdir = str(tmp_path / "locked")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
                                "from clmae_jax.runtime import lock; lock.acquire(sys.argv[2]); print('held', "
                                "flush=True); time.sleep(600)", ROOT, workdir], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    run = run_failing(workdir, MAE, cache=compile_cache)
+    run = run_failing(workdir, MAE)
     assert run.last_line() == (f"error: --workdir={workdir} is in use by another run (pid {holder.pid} on "
                                f"{socket.gethostname()}); wait for it to finish, stop it, or use another --workdir.")
     holder.kill()
     holder.wait()
-    run = run_ok(workdir, MAE, "--config.total_steps=1", cache=compile_cache)
-    assert "ended without releasing it" in run.log
+    run = run_ok(workdir, MAE, "--config.total_steps=1")
+    assert "ended without releasing it" in run.stderr
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_from_a_dead_one(tmp_path):
@@ -453,14 +403,14 @@ def test_lock_refuses_a_live_holder_and_takes_over_from_a_dead_one(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", [1, 0], ids=["peer", "coordinator"])
-def test_lost_process_ends_the_survivor_with_one_line_and_both_resume(tmp_path, compile_cache, victim):
+def test_lost_process_ends_the_survivor_with_one_line_and_both_resume(tmp_path, victim):
     workdir = str(tmp_path / "multi")
-    runs = pair(workdir, compile_cache)
+    runs = pair(workdir)
     wait_for_step(runs[victim], 3)
     runs[victim].proc.send_signal(signal.SIGKILL)
     killed_at = time.time()
     survivor = runs[1 - victim]
-    assert survivor.wait(timeout=120) == 69, survivor.log[-3000:]
+    assert survivor.wait(timeout=120) == 69, survivor.stderr[-3000:]
     assert time.time() - killed_at < 10 + 5, "the survivor did not end within --peer_timeout_s"
     runs[victim].wait()
     saved = max(steps_on_disk(workdir))
@@ -469,10 +419,10 @@ def test_lost_process_ends_the_survivor_with_one_line_and_both_resume(tmp_path, 
         f"error: lost {lost} of this 2-process run (killed, preempted or its host gone; silent for up to 10 s). "
         f"Last committed checkpoint: step {saved} in {workdir}/checkpoints; rerun every process to resume from it.")
     assert [line for line in survivor.lines if line.startswith("error:")] == [survivor.lines[-1]]
-    assert not re.search(r"Traceback|Check failure|Fatal Python error", survivor.log)
-    rerun = pair(workdir, compile_cache)
-    assert [r.wait() for r in rerun] == [0, 0], rerun[0].log[-3000:]
-    assert f"starting at step {saved} of {TOTAL}" in rerun[0].log
+    assert not re.search(r"Traceback|Check failure|Fatal Python error", survivor.stderr)
+    rerun = pair(workdir)
+    assert [r.wait() for r in rerun] == [0, 0], rerun[0].stderr[-3000:]
+    assert f"starting at step {saved} of {TOTAL}" in rerun[0].stderr
     assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]  # Half-written: cleaned.
 
 
@@ -566,8 +516,8 @@ def test_unwritable_workdir_is_named(tmp_path):
         validate.check_config(mae_config(), str(tmp_path / "file" / "run"))
 
 
-def test_bad_config_value_through_main_is_one_line(tmp_path, compile_cache):
-    run = run_failing(str(tmp_path / "bad"), MAE, "--config.mae.mask_ratio=1.5", cache=compile_cache)
+def test_bad_config_value_through_main_is_one_line(tmp_path):
+    run = run_failing(str(tmp_path / "bad"), MAE, "--config.mae.mask_ratio=1.5")
     assert run.last_line() == ("error: config.mae.mask_ratio=1.5 must be strictly between 0 and 1; the MAE paper "
                                "uses 0.75.")
 

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from clmae_jax.evaluate import load  # noqa: E402
+from conftest import load_params, run_main  # noqa: E402
 from clmae_jax.interop import load_pretrained, mae_for_geometry, params_geometry, save_fbmae, save_hf  # noqa: E402
 from clmae_jax.interop import hf, mae_torch, shapes  # noqa: E402
 from clmae_jax.models.mae import mae_loss, num_visible, topk_masking  # noqa: E402
@@ -233,9 +234,8 @@ def test_cli_converts_between_formats(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_exports_a_clmae_run_bit_for_bit(tmp_path, run_main):
+def test_cli_exports_a_clmae_run_bit_for_bit(tmp_path):
     from clmae_jax.interop.__main__ import main
-    from conftest import load_params
     workdir = str(tmp_path / "run")
     run_main(workdir, "clmae_fashion_mnist.py:test", "--config.total_steps=1", "--config.checkpoint_every_steps=1")
     main([f"--from={workdir}", f"--to={tmp_path / 'clmae.pth'}"])

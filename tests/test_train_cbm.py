@@ -14,7 +14,7 @@ from cbm_jax import train_supervised as cbm
 from cbm_jax.masking import num_masked_patches
 from clmae_jax.runtime import data, loop, mesh as mesh_lib
 from configs import cbm_fashion_mnist, cbm_paper
-from conftest import assert_trees_close, load_params
+from conftest import assert_trees_close, load_params, run_main
 
 CONFIG = "cbm_fashion_mnist.py:test"
 
@@ -177,7 +177,7 @@ def test_schedule_of_a_run_follows_the_preset():
     assert counts[:10] == [1, 3, 5, 7, 9] * 2 and len(counts) == 100
 
 
-def test_same_numbers_on_1_and_8_devices(tmp_path, run_main, scalars):
+def test_same_numbers_on_1_and_8_devices(tmp_path, scalars):
     runs = {}
     for devices in (1, 8):
         runs[devices] = str(tmp_path / f"d{devices}")
@@ -189,7 +189,7 @@ def test_same_numbers_on_1_and_8_devices(tmp_path, run_main, scalars):
     assert_trees_close(load_params(runs[1], 4), load_params(runs[8], 4), atol=1e-5)
 
 
-def test_resume_equals_uninterrupted_and_keeps_results(tmp_path, run_main, scalars):
+def test_resume_equals_uninterrupted_and_keeps_results(tmp_path, scalars):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     run_main(straight, CONFIG)
     run_main(resumed, CONFIG, "--config.stop_after_steps=2")
@@ -208,13 +208,13 @@ def test_resume_equals_uninterrupted_and_keeps_results(tmp_path, run_main, scala
     assert any(name.startswith("cbm_masks_") for name in os.listdir(os.path.join(straight, "images")))
 
 
-def test_evaluating_without_a_checkpoint_is_one_clear_line(tmp_path, run_main):
+def test_evaluating_without_a_checkpoint_is_one_clear_line(tmp_path):
     proc = run_main(str(tmp_path), CONFIG, "--config.experiment=cbm_eval", check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("error: No checkpoint in ") and "--workdir" in last
 
 
-def test_missing_cvt_weights_is_one_clear_line(tmp_path, run_main):
+def test_missing_cvt_weights_is_one_clear_line(tmp_path):
     proc = run_main(str(tmp_path), CONFIG, "--config.model.name=cvt13", "--config.input.channels=3",
                     "--config.input.mean=(0.5,0.5,0.5)", "--config.input.std=(0.5,0.5,0.5)",
                     "--config.model.init_from=/nowhere/cvt.pth", check=False)

@@ -11,7 +11,7 @@ from clmae_jax import losses, train_clmae
 from clmae_jax.runtime import optim
 from clmae_jax.runtime.state import TrainState
 from configs import clmae_fashion_mnist
-from conftest import assert_trees_close, load_params
+from conftest import assert_trees_close, load_params, run_main
 
 CONFIG = "clmae_fashion_mnist.py:test"
 
@@ -132,7 +132,7 @@ def test_curriculum_position(stages, steps, expected):
         assert [train_clmae.curriculum_weight_at(config, FakeRun(), s) for s in range(steps)] == expected
 
 
-def test_one_iteration_same_on_1_and_8_devices(tmp_path, run_main, scalars):
+def test_one_iteration_same_on_1_and_8_devices(tmp_path, scalars):
     runs = {}
     for devices in (1, 8):
         runs[devices] = str(tmp_path / f"d{devices}")
@@ -142,7 +142,7 @@ def test_one_iteration_same_on_1_and_8_devices(tmp_path, run_main, scalars):
     assert_trees_close(load_params(runs[1], 1), load_params(runs[8], 1), atol=1e-5)
 
 
-def test_resume_mid_curriculum_equals_uninterrupted(tmp_path, run_main, scalars):
+def test_resume_mid_curriculum_equals_uninterrupted(tmp_path, scalars):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     overrides = ("--config.total_steps=4", "--config.clmae.curriculum_stages=4", "--config.log_every_steps=1")
     run_main(straight, CONFIG, *overrides)

@@ -9,12 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_trees_close, load_params
+from conftest import ROOT, assert_trees_close, load_params, run_main
 
 CONFIG = "mae_fashion_mnist.py:test"
 
 
-def test_same_loss_and_params_on_1_and_8_devices(tmp_path, run_main, scalars):
+def test_same_loss_and_params_on_1_and_8_devices(tmp_path, scalars):
     runs = {}
     for devices in (1, 8):
         workdir = str(tmp_path / f"d{devices}")
@@ -27,7 +27,7 @@ def test_same_loss_and_params_on_1_and_8_devices(tmp_path, run_main, scalars):
     assert_trees_close(before, load_params(runs[8], 2), atol=1e-5)
 
 
-def test_stop_resume_equals_uninterrupted(tmp_path, run_main, scalars):
+def test_stop_resume_equals_uninterrupted(tmp_path, scalars):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     run_main(straight, CONFIG, "--config.total_steps=4")
     run_main(resumed, CONFIG, "--config.total_steps=4", "--config.stop_after_steps=2")
@@ -37,7 +37,7 @@ def test_stop_resume_equals_uninterrupted(tmp_path, run_main, scalars):
     assert scalars(resumed, "loss")[4] == pytest.approx(scalars(straight, "loss")[4], abs=1e-6)
 
 
-def test_real_training_lowers_the_loss(tmp_path, run_main, scalars):
+def test_real_training_lowers_the_loss(tmp_path, scalars):
     workdir = str(tmp_path / "learn")
     run_main(workdir, "mae_fashion_mnist.py", "--config.total_steps=60", "--config.batch_size=64",
              "--config.log_every_steps=10", "--config.image_every_steps=60", "--config.checkpoint_every_steps=60")
@@ -71,14 +71,14 @@ def test_two_processes_on_localhost(tmp_path, config, scalars):
         assert scalars(workdir, "test_examples") == {2: 10_000.0}
 
 
-def test_unknown_config_key_is_one_clear_line(tmp_path, run_main):
+def test_unknown_config_key_is_one_clear_line(tmp_path):
     proc = run_main(str(tmp_path), CONFIG, "--config.batch_sizee=8", check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
         'error: unknown config key on the command line: Did you mean "batch_size" instead of "batch_sizee"?')
 
 
-def test_patch_size_mismatch_and_missing_data_are_clear(tmp_path, run_main):
+def test_patch_size_mismatch_and_missing_data_are_clear(tmp_path):
     proc = run_main(str(tmp_path / "a"), CONFIG, "--config.input.image_size=30", check=False)
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: Image size 30x30 is not divisible by config.model.patch_size=4 (config.input.image_size=30); change "
