@@ -90,6 +90,18 @@ def run_main(workdir, config, *overrides, check=True, timeout=600, **kwargs) -> 
     return run
 
 
+def train(workdir, config, **fields):
+    """Trains configs/<file>[:variant] in this process through the function main.py would call, `fields` set first
+    ({"clmae.curriculum_stages": 4}): for tests of the loop and resume, not of the command line."""
+    import importlib
+    import main
+    name, _, variant = config.partition(":")
+    config = importlib.import_module(f"configs.{name.removesuffix('.py')}").get_config(variant)
+    config.update_from_flattened_dict(fields)
+    module, function = main.EXPERIMENTS[config.experiment]
+    return getattr(importlib.import_module(module), function)(config, workdir)
+
+
 @pytest.fixture
 def scalars():
     """`scalars(workdir, tag)` -> {step: value} from the run's TensorBoard events."""

@@ -30,7 +30,10 @@ def load(name, variant=""):
 
 
 def check(config):
-    """The check main.py runs before anything is built, with the experiment's own option lists."""
+    """The check main.py runs before anything is built, with the experiment's own option lists (image-folder data
+    sets need the --config.input.data_dir every user of them passes)."""
+    if config.input.source == "image_folder" and not config.input.data_dir:
+        config.input.data_dir = "/data/images"
     experiment = importlib.import_module(main.EXPERIMENTS[config.experiment][0])
     validate.check_config(config, options=getattr(experiment, "OPTIONS", {}))
 

@@ -14,7 +14,7 @@ from cbm_jax import train_supervised as cbm
 from cbm_jax.masking import num_masked_patches
 from clmae_jax.runtime import data, loop, mesh as mesh_lib
 from configs import cbm_fashion_mnist, cbm_paper
-from conftest import assert_trees_close, load_params, run_main
+from conftest import assert_trees_close, load_params, run_main, train
 
 CONFIG = "cbm_fashion_mnist.py:test"
 
@@ -191,10 +191,10 @@ def test_same_numbers_on_1_and_8_devices(tmp_path, scalars):
 
 def test_resume_equals_uninterrupted_and_keeps_results(tmp_path, scalars):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    run_main(straight, CONFIG)
-    run_main(resumed, CONFIG, "--config.stop_after_steps=2")
+    train(straight, CONFIG)
+    train(resumed, CONFIG, stop_after_steps=2)
     assert not os.path.exists(os.path.join(resumed, "results.json"))  # Only whole epochs and the end evaluate.
-    run_main(resumed, CONFIG)
+    train(resumed, CONFIG)
     assert_trees_close(load_params(straight, 4), load_params(resumed, 4), atol=1e-6)
     with open(os.path.join(straight, "results.json")) as f, open(os.path.join(resumed, "results.json")) as g:
         results, resumed_results = json.load(f), json.load(g)

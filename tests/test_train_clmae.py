@@ -11,7 +11,7 @@ from clmae_jax import losses, train_clmae
 from clmae_jax.runtime import optim
 from clmae_jax.runtime.state import TrainState
 from configs import clmae_fashion_mnist
-from conftest import assert_trees_close, load_params, run_main
+from conftest import assert_trees_close, load_params, run_main, train
 
 CONFIG = "clmae_fashion_mnist.py:test"
 
@@ -144,9 +144,9 @@ def test_one_iteration_same_on_1_and_8_devices(tmp_path, scalars):
 
 def test_resume_mid_curriculum_equals_uninterrupted(tmp_path, scalars):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    overrides = ("--config.total_steps=4", "--config.clmae.curriculum_stages=4", "--config.log_every_steps=1")
-    run_main(straight, CONFIG, *overrides)
-    run_main(resumed, CONFIG, *overrides, "--config.stop_after_steps=2")
-    run_main(resumed, CONFIG, *overrides)
+    fields = {"total_steps": 4, "clmae.curriculum_stages": 4, "log_every_steps": 1}
+    train(straight, CONFIG, **fields)
+    train(resumed, CONFIG, **fields, stop_after_steps=2)
+    train(resumed, CONFIG, **fields)
     assert scalars(resumed, "lambda_cl") == scalars(straight, "lambda_cl") == {1: 1.0, 2: 0.5, 3: -0.5, 4: -1.0}
     assert_trees_close(load_params(straight, 4), load_params(resumed, 4), atol=1e-6)

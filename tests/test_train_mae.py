@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_trees_close, load_params, run_main
+from conftest import ROOT, assert_trees_close, load_params, run_main, train
 
 CONFIG = "mae_fashion_mnist.py:test"
 
@@ -29,10 +29,10 @@ def test_same_loss_and_params_on_1_and_8_devices(tmp_path, scalars):
 
 def test_stop_resume_equals_uninterrupted(tmp_path, scalars):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    run_main(straight, CONFIG, "--config.total_steps=4")
-    run_main(resumed, CONFIG, "--config.total_steps=4", "--config.stop_after_steps=2")
+    train(straight, CONFIG, total_steps=4)
+    train(resumed, CONFIG, total_steps=4, stop_after_steps=2)
     assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["2"]
-    run_main(resumed, CONFIG, "--config.total_steps=4")
+    train(resumed, CONFIG, total_steps=4)
     assert_trees_close(load_params(straight, 4), load_params(resumed, 4), atol=1e-6)
     assert scalars(resumed, "loss")[4] == pytest.approx(scalars(straight, "loss")[4], abs=1e-6)
 

@@ -89,18 +89,10 @@ def integrity_problem(folder: str) -> str | None:
     return f"checksum mismatch in {bad[0]}" if bad else None
 
 
-def _path(key) -> str:
-    """One component of a pytree path as text (dict key, attribute or index)."""
-    for attribute in ("key", "name", "idx"):
-        if hasattr(key, attribute):
-            return str(getattr(key, attribute))
-    return str(key)
-
-
 def leaf_shapes(tree) -> dict:
     """{"params/encoder/...": shape} of a pytree of arrays or array metadata."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_path(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def structure_mismatch(saved: dict, wanted: dict) -> str | None:

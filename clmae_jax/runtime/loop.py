@@ -95,6 +95,8 @@ def all_finite(tree):
 def skip_nonfinite(step_fn):
     """Wraps `step_fn(state, ...) -> (state, measurements)` to drop an update whose measurements or parameters are
     not finite: the step counter moves on, parameters and optimizer state stay; `skipped_update` is 1 then."""
+    # Not optax.apply_if_finite: that guards one optimizer's updates and adds counters to its state (another
+    # checkpoint layout); this guards a whole step (both CL-MAE halves, the loss, the new parameters).
 
     def guarded(state, *args):
         new_state, measurements = step_fn(state, *args)
@@ -161,6 +163,9 @@ def itstime(step: int, every: int, last: int) -> bool:
 
 class StepTimer:
     """Seconds per step since the previous call (the first interval includes compilation)."""
+
+    # clu's ReportProgress (metrics.progress) writes steps/s; images/s per device, which throughput tables compare
+    # across batch sizes and meshes, needs the loop's own interval next to the batch size.
 
     def __init__(self, step: int):
         self.step, self.time = step, time.time()
