@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 from bench import flops, harness  # noqa: E402
 from clmae_jax import train_clmae, train_mae  # noqa: E402
 from clmae_jax.evaluate import linear  # noqa: E402
-from clmae_jax.evaluate.encoder import Encoder, encoder_params  # noqa: E402
+from clmae_jax.evaluate.encoder import config_encoder, encoder_params  # noqa: E402
 from clmae_jax.models.vit import vit_size  # noqa: E402
 from clmae_jax.runtime import loop, mesh as mesh_lib  # noqa: E402
 
@@ -66,8 +66,7 @@ def build(config, devices, num_classes: int = 0):
 def evaluation_programs(experiment, config, mae_params, batch_spec) -> dict:
     """kNN feature extraction and the linear probe's step (frozen encoder on images) of the pretrained encoder."""
     params = encoder_params(mae_params)
-    encoder = Encoder(name="tpu", params=params, num_heads=vit_size(config.model.size)["num_heads"],
-                      mean=tuple(config.input.mean), std=tuple(config.input.std), dtype=config.model.dtype)
+    encoder = config_encoder(config, params, "tpu", dtype=config.model.dtype)
     features = jax.jit(lambda p, images: encoder.features(p, images)["gap_norm"])
     head = linear.ProbeHead(experiment.budget.num_classes)
     tx, _ = linear.probe_optimizer(linear_probe_config(config.batch_size), 1000, 1000)

@@ -28,7 +28,7 @@ def compile_clmae(config, batch_spec=None, compiler_options=None):
     `CLMAEExperiment.train_step` runs it (here at the first iteration's lambda_CL)."""
     experiment = harness.build(train_clmae.CLMAEExperiment, config)
     spec = batch_spec or harness.batch_spec(config, experiment.mesh)
-    lambda_now = jnp.float32(train_clmae.lambda_cl(config, experiment.budget, 0))
+    lambda_now = jnp.float32(train_clmae.curriculum_weight_at(config, experiment.budget, 0))
     state = experiment.abstract_state()
     first, first_stats = harness.compile_stats(experiment.mae_step, state, spec, compiler_options=compiler_options)
     second, second_stats = harness.compile_stats(experiment.masker_step, state, spec, lambda_now,

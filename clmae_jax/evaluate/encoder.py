@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from clmae_jax.models.geometry import Geometry, params_geometry
-from clmae_jax.models.vit import ViTEncoder, pool_features
+from clmae_jax.models.vit import ViTEncoder, pool_features, vit_size
 from clmae_jax.runtime import data
 from clmae_jax.runtime.errors import UserError
 
@@ -79,6 +79,12 @@ class Encoder:
             flat = x.reshape(x.shape[0], -1)
             return {kind: flat for kind in POOLS}
         return self.module().apply({"params": params}, x)
+
+
+def config_encoder(config, params, name: str, step: int = 0, dtype: str = "float32") -> Encoder:
+    """The encoder a pretraining config trains (its ViT size and normalisation) on `params` (arrays or shapes)."""
+    return Encoder(name=name, params=params, num_heads=vit_size(config.model.size)["num_heads"],
+                   mean=tuple(config.input.mean), std=tuple(config.input.std), step=step, dtype=dtype)
 
 
 def encoder_params(mae_params) -> dict:

@@ -7,10 +7,9 @@ import jax
 import ml_collections
 
 from clmae_jax.evaluate import protocols
-from clmae_jax.evaluate.encoder import Encoder, encoder_params
+from clmae_jax.evaluate.encoder import config_encoder, encoder_params
 from clmae_jax.models.geometry import check_same_encoder, config_geometry, params_geometry
 from clmae_jax.models.clmae import build_mae, init_params
-from clmae_jax.models.vit import vit_size
 
 
 def best_key(name: str, kind: str, eval_config) -> str:
@@ -32,8 +31,7 @@ class EncoderProtocolEvaluator:
         self.every_steps, self.best_key = eval_config.get("every_steps", 0), best_key(self.name, self.kind, eval_config)
         model = build_mae(config)
         shapes = jax.eval_shape(lambda: encoder_params(init_params(model, config, jax.random.PRNGKey(0))))
-        encoder = Encoder(name="pretraining", params=shapes, num_heads=vit_size(config.model.size)["num_heads"],
-                          mean=tuple(config.input.mean), std=tuple(config.input.std), dtype=config.model.dtype)
+        encoder = config_encoder(config, shapes, "pretraining", dtype=config.model.dtype)
         batch = eval_config.get("batch_size") or config.get("eval_batch_size") or config.batch_size
         # One FeatureSets for the whole run, so its jitted feature function is compiled once.
         self.features = protocols.FeatureSets(mesh, config.input, encoder, None,

@@ -10,7 +10,7 @@ import os
 import jax
 import numpy as np
 
-from clmae_jax.evaluate.encoder import RAW_PIXELS, Encoder, encoder_params, raw_pixels
+from clmae_jax.evaluate.encoder import RAW_PIXELS, Encoder, config_encoder, encoder_params, raw_pixels
 from clmae_jax.interop import load_pretrained
 from clmae_jax.models.geometry import Geometry, check_same_encoder, config_geometry
 from clmae_jax.models.vit import vit_size
@@ -40,8 +40,7 @@ def load_run_encoder(path: str, step: int = -1) -> Encoder:
     workdir, folder, step = resolve_step_folder(path, step)
     train_config = read_train_config(workdir, folder)
     params = restore_encoder_params(folder)
-    encoder = Encoder(name=f"{workdir}@{step}", params=params, num_heads=vit_size(train_config.model.size)["num_heads"],
-                      mean=tuple(train_config.input.mean), std=tuple(train_config.input.std), step=step)
+    encoder = config_encoder(train_config, params, f"{workdir}@{step}", step=step)
     check_same_encoder(encoder.geometry, f"checkpoint {folder}", config_geometry(train_config),
                        f"its training config (model.size {train_config.model.size!r})")
     return encoder
