@@ -10,7 +10,7 @@ from configs import clmae_vitb, common, mae_fashion_mnist
 
 def get_config(variant: str = ""):
     """The quickstart MAE plus the masking module (variants 'test', 'smoke': a handful of steps)."""
-    words = common.parse_variant(variant, {"test"}, "clmae_fashion_mnist.py")
+    words = common.parse_variant(variant, {"test", "adversarial"}, "clmae_fashion_mnist.py")
     config = mae_fashion_mnist.get_config("test" if "test" in words else "")
     config.experiment = "clmae"
     config.clmae = clmae_vitb.clmae_defaults()
@@ -20,6 +20,8 @@ def get_config(variant: str = ""):
     config.optimizer.base_lr = 1e-3
     config.batch_size = 128
     config.total_steps = 400
+    if "adversarial" in words:
+        config.clmae.masker_logit_bound = 3.0
     if "test" in words:
         config.batch_size = 16
         config.clmae.loss_group_size = 8
