@@ -1,10 +1,11 @@
 """CL-MAE curriculum telemetry of a run, stage by stage: is the module a partner, then an adversary?
 
-    python bench/clmae_telemetry.py runs/clmae_fmnist [--json=bench/results/clmae_telemetry.json]
+    python bench/clmae_telemetry.py runs/clmae_fmnist [--json=bench/results/clmae_telemetry.json] [--plot=run.png]
 
 Reads the run's TensorBoard scalars and prints, per value of lambda_CL, the mean MAE loss under the learned mask
 and under a random mask of the same ratio (their ratio `difficulty`: < 1 partner, > 1 adversary), the size of each
-weighted term of the masking module's objective, and how decided the masks are.
+weighted term of the masking module's objective, and how decided the masks are. --plot draws (with PIL) the
+difficulty against step beside lambda_CL, and per stage the fractions of saturated keep-probabilities.
 """
 import json
 import os
@@ -12,13 +13,17 @@ import sys
 
 import numpy as np
 from absl import app, flags
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clmae_jax.runtime.metrics import read_scalars  # noqa: E402
 
 flags.DEFINE_string("json", "", "Where to write the table as JSON (optional).")
+flags.DEFINE_string("plot", "", "Where to write the PNG of difficulty and saturation (optional).")
 TAGS = ("lambda_cl", "mae_loss_learned_mask", "mae_loss_random_mask", "difficulty", "loss_curriculum",
-        "loss_gaussian", "loss_kl", "loss_diversity", "keep_prob_mean", "decisive_fraction", "mask_distance")
+        "loss_gaussian", "loss_kl", "loss_diversity", "keep_prob_mean", "decisive_fraction", "mask_distance",
+        "saturated_keep_fraction", "saturated_mask_fraction")
+COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189))
 
 
 def stage_table(workdir: str, config: dict) -> list[dict]:
@@ -31,10 +36,55 @@ def stage_table(workdir: str, config: dict) -> list[dict]:
     for lam in sorted({series["lambda_cl"][s] for s in steps}, reverse=True):
         at = [s for s in steps if series["lambda_cl"][s] == lam]
         row = {"lambda_cl": lam, "first_step": at[0], "last_step": at[-1], "logged": len(at)}
-        row.update({tag: float(np.mean([series[tag][s] for s in at])) for tag in TAGS[1:]})
+        # Runs from before a tag was logged get NaN for it.
+        row.update({tag: float(np.mean([series[tag][s] for s in at if s in series[tag]] or [np.nan]))
+                    for tag in TAGS[1:]})
         row.update({f"weighted_{k}": (lam if w is None else w) * row[k] for k, w in weights.items()})
         rows.append(row)
     return rows
+
+
+def line_chart(title: str, curves: dict, y_range: tuple, hline: float | None = None, size=(640, 300)) -> Image:
+    """A white PIL chart of {label: (xs, ys)} with a labelled y axis, a legend and an optional dashed line."""
+    width, height, margin = *size, 40
+    image = Image.new("RGB", size, "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    x_max = max(max(xs) for xs, _ in curves.values()) or 1
+    low, high = y_range
+    at = lambda x, y: (margin + (width - 2 * margin) * x / x_max,
+                       height - margin - (height - 2 * margin) * (y - low) / (high - low))
+    draw.rectangle([at(0, high), at(x_max, low)], outline="black")
+    for y in np.linspace(low, high, 5):
+        draw.text((2, at(0, y)[1] - 5), f"{y:.2g}", fill="black", font=font)
+    draw.text((width / 2 - 20, height - margin + 4), f"step (0-{x_max})", fill="black", font=font)
+    draw.text((margin, 4), title, fill="black", font=font)
+    if hline is not None:
+        for x in np.linspace(0, x_max, 60)[::2]:
+            draw.line([at(x, hline), at(x + x_max / 60, hline)], fill="grey")
+    for k, (label, (xs, ys)) in enumerate(curves.items()):
+        colour = COLOURS[k % len(COLOURS)]
+        draw.line([at(x, np.clip(y, low, high)) for x, y in zip(xs, ys)], fill=colour, width=2)
+        draw.text((width - 190, 18 + 12 * k), label, fill=colour, font=font)
+    return image
+
+
+def plot(workdir: str, rows: list, path: str):
+    """Two panels: difficulty (learned / random mask loss) and lambda_CL against step; saturation per stage."""
+    difficulty, lam = read_scalars(workdir, "difficulty"), read_scalars(workdir, "lambda_cl")
+    steps = sorted(difficulty)
+    top = line_chart(os.path.basename(workdir.rstrip("/")) + ": > 1 = harder than a random mask", {
+        "difficulty": (steps, [difficulty[s] for s in steps]),
+        "lambda_CL": (steps, [lam[s] for s in steps])}, (-1.1, max(1.5, max(difficulty.values()) + 0.1)), hline=1.0)
+    starts = [row["first_step"] for row in rows]
+    bottom = line_chart("keep-probabilities per lambda_CL stage (fraction)", {
+        f"> 0.99 ({TAGS[-2]})": (starts, [row["saturated_keep_fraction"] for row in rows]),
+        f"< 0.01 ({TAGS[-1]})": (starts, [row["saturated_mask_fraction"] for row in rows]),
+        "< 0.1 or > 0.9 (decisive)": (starts, [row["decisive_fraction"] for row in rows])}, (0.0, 1.0))
+    both = Image.new("RGB", (top.width, top.height + bottom.height), "white")
+    both.paste(top, (0, 0))
+    both.paste(bottom, (0, top.height))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    both.save(path)
 
 
 def main(argv):
@@ -44,10 +94,12 @@ def main(argv):
     rows = stage_table(workdir, config)
     columns = ("lambda_cl", "first_step", "mae_loss_learned_mask", "mae_loss_random_mask", "difficulty",
                "weighted_loss_curriculum", "weighted_loss_gaussian", "weighted_loss_kl", "weighted_loss_diversity",
-               "keep_prob_mean", "decisive_fraction")
+               "keep_prob_mean", "decisive_fraction", "saturated_keep_fraction", "saturated_mask_fraction")
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
         print("| " + " | ".join(f"{row[c]:.4g}" for c in columns) + " |")
+    if flags.FLAGS.plot:
+        plot(workdir, rows, flags.FLAGS.plot)
     if flags.FLAGS.json:
         os.makedirs(os.path.dirname(flags.FLAGS.json) or ".", exist_ok=True)
         with open(flags.FLAGS.json, "w") as f:

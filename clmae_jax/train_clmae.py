@@ -6,6 +6,7 @@ Each iteration, on the same batch (official `engine_pretrain.py`):
      minimises lambda_CL(t) * L_rec + lambda_G * L_G + lambda_KL * L_KL + lambda_div * L_div.
 lambda_CL goes from +1 (partner: easy masks) to -1 (adversary: hard masks) over training.
 """
+import bisect
 import functools
 import math
 
@@ -23,7 +24,9 @@ from clmae_jax.runtime.errors import UserError
 from clmae_jax.runtime.state import TrainState, tree_size
 
 FREEZE_MODES = ("exact", "official")
-OPTIONS = {"clmae.freeze": FREEZE_MODES, "clmae.curriculum": tuple(curriculum.SCHEDULES)}  # For validate.check_config.
+MASKER_LR_SCHEDULES = ("follow", "constant", "rewarm")
+OPTIONS = {"clmae.freeze": FREEZE_MODES, "clmae.curriculum": tuple(curriculum.SCHEDULES),  # For validate.check_config.
+           "clmae.masker_lr_schedule": MASKER_LR_SCHEDULES}
 
 
 def half_optimizer(config) -> optax.GradientTransformation:
@@ -44,6 +47,31 @@ def curriculum_position(config, budget, step: int) -> tuple[int, int]:
 def curriculum_weight_at(config, budget, step: int) -> float:
     """lambda_CL for the iteration that starts at `step`."""
     return curriculum.curriculum_weight(config.clmae.curriculum, *curriculum_position(config, budget, step))
+
+
+def switch_step(config, budget) -> int:
+    """The first step whose lambda_CL is negative (partner -> adversary), or total_steps if none is."""
+    # lambda_CL never rises, so a bisection finds the switch without walking a million ImageNet steps.
+    return bisect.bisect_left(range(budget.total_steps), True,
+                              key=lambda step: curriculum_weight_at(config, budget, step) < 0)
+
+
+def masker_lr_schedule(config, budget, mae_schedule) -> optax.Schedule:
+    """The module's learning rate: the MAE's ('follow'), its peak after the same warm-up ('constant'), or the MAE's
+    until the switch to lambda_CL < 0, then the MAE's schedule afresh (warm-up, cosine) over the rest ('rewarm')."""
+    name = config.clmae.get("masker_lr_schedule", "follow")
+    if name == "follow":
+        return mae_schedule
+    peak = budget.learning_rate()[0]
+    if name == "constant":
+        warmup = int(config.optimizer.get("warmup_epochs", 0.0) * budget.steps_per_epoch)
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
+                                    [warmup])
+    if name == "rewarm":
+        switch = switch_step(config, budget)
+        rewarmed = optim.schedule(config.optimizer, peak, budget.steps_per_epoch, budget.total_steps - switch)
+        return optax.join_schedules([mae_schedule, rewarmed], [switch])
+    raise UserError(f"Unknown config.clmae.masker_lr_schedule {name!r}; use one of {MASKER_LR_SCHEDULES}.")
 
 
 def masker_objective(config, per_patch_errors, keep_prob, lambda_curriculum):
@@ -70,6 +98,9 @@ def mask_statistics(keep_prob, group_size: int) -> dict:
     distance = lambda m: jnp.mean(losses.pairwise_distances(m))
     return {"keep_prob_mean": jnp.mean(keep_prob),
             "decisive_fraction": jnp.mean((keep_prob < 0.1) | (keep_prob > 0.9)),
+            # Saturated: the sigmoid's slope there is < 0.01, so the curriculum term barely moves these patches.
+            "saturated_keep_fraction": jnp.mean(keep_prob > 0.99),
+            "saturated_mask_fraction": jnp.mean(keep_prob < 0.01),
             "mask_distance": losses.grouped(distance, group_size)(keep_prob)}
 
 
@@ -96,8 +127,10 @@ def apply_update(tx, state, half: str, grads, lr, freeze: str, skip_frozen=None)
     return state.replace(params=params, opt_state=opt_state)
 
 
-def make_steps(model: CLMAE, tx, lr_schedule, config):
-    """(mae_step, masker_step): state, batch[, lambda_cl] -> state, measurements."""
+def make_steps(model: CLMAE, tx, lr_schedule, config, masker_schedule=None):
+    """(mae_step, masker_step): state, batch[, lambda_cl] -> state, measurements; the module's learning rate is
+    `masker_schedule` (default: the MAE's `lr_schedule`) times config.clmae.masker_lr_scale."""
+    masker_schedule = masker_schedule or lr_schedule
     if config.clmae.freeze not in FREEZE_MODES:
         raise UserError(f"Unknown config.clmae.freeze {config.clmae.freeze!r}; use one of {FREEZE_MODES}.")
     normalize = lambda batch: data.normalize(batch["image"], config.input.mean, config.input.std)
@@ -132,10 +165,11 @@ def make_steps(model: CLMAE, tx, lr_schedule, config):
                                                        config.grad_accum_steps)
         lr = lr_schedule(state.step)
         # masker_lr_scale (not in the official recipe, default 1) lets the module's step move faster than the MAE's.
-        state = apply_update(tx, state, "masker", grads, lr * config.clmae.get("masker_lr_scale", 1.0),
-                             config.clmae.freeze)
+        masker_lr = masker_schedule(state.step) * config.clmae.get("masker_lr_scale", 1.0)
+        state = apply_update(tx, state, "masker", grads, masker_lr, config.clmae.freeze)
         measurements = {"masker_loss": loss, "masker_grad_norm": optax.tree.norm(grads),
-                        "lambda_cl": lambda_curriculum, "learning_rate": lr, **aux}
+                        "lambda_cl": lambda_curriculum, "learning_rate": lr, "masker_learning_rate": masker_lr,
+                        **aux}
         return state.replace(step=state.step + 1), measurements
 
     return mae_step, masker_step
@@ -176,7 +210,8 @@ class CLMAEExperiment(Pretraining):
         self.model = CLMAE(config)
         self.lr, lr_schedule = budget.learning_rate()
         self.tx = half_optimizer(config)  # One per half, each with the same recipe and learning rate.
-        mae_step, masker_step = make_steps(self.model, self.tx, lr_schedule, config)
+        mae_step, masker_step = make_steps(self.model, self.tx, lr_schedule, config,
+                                           masker_lr_schedule(config, budget, lr_schedule))
         self.mae_step, self.masker_step = self.compile_step(mae_step), self.compile_step(masker_step)
         self.difficulty = jax.jit(functools.partial(difficulty, self.model, config))
         self.summary = jax.jit(functools.partial(summary, self.model, config))

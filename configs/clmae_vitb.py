@@ -19,7 +19,10 @@ def clmae_defaults() -> ml_collections.ConfigDict:
         loss_group_size=256,  # Official KL / diversity / L_rec are per GPU over 256 images.
         freeze="exact",  # "official": one AdamW whose zero gradients still move the frozen half (torch < 2).
         masker_depth=5, masker_heads=4,
-        masker_lr_scale=1.0))  # Not official: > 1 speeds up the module's step (see the README's adversary study).
+        # Not official, each off by default (see the README's adversary study): a faster module step, its own
+        # learning-rate schedule ("follow" the MAE's, "constant" peak after the warm-up, "rewarm" at the switch to
+        # lambda_CL < 0), a softer sigmoid and bounded logits.
+        masker_lr_scale=1.0, masker_lr_schedule="follow", masker_temperature=1.0, masker_logit_bound=0.0))
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

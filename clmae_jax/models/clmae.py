@@ -52,6 +52,8 @@ def build_masker(config) -> CurriculumMasker:
     """The curriculum masking module at the MAE encoder's width, rematerialised as the MAE (config.model.remat).
     Its attention stays einsum: its 4 heads are 192 to 320 wide, beyond cuDNN's fused kernel."""
     return CurriculumMasker(depth=config.clmae.masker_depth, num_heads=config.clmae.masker_heads,
+                            temperature=config.clmae.get("masker_temperature", 1.0),
+                            logit_bound=config.clmae.get("masker_logit_bound", 0.0),
                             dtype=jnp.dtype(config.model.dtype), remat=config.model.get("remat", False))
 
 

@@ -22,6 +22,11 @@ class CurriculumMasker(nn.Module):
     norm_eps: float = 1e-5
     dtype: Any = jnp.float32
     remat: bool = False  # See vit.Transformer.
+    # Not official (1.0 and 0.0 are the official sigmoid): keep_prob = sigmoid(bound * tanh(logits / T / bound)).
+    # Levers against saturation: T > 1 softens the sigmoid; a bound > 0 keeps every probability within
+    # (sigmoid(-bound), sigmoid(bound)), so no token's soft mask reaches exactly 0 or 1.
+    temperature: float = 1.0
+    logit_bound: float = 0.0
 
     @nn.compact
     def __call__(self, tokens):
@@ -37,5 +42,7 @@ class CurriculumMasker(nn.Module):
         x = blocks.norm(blocks(x))
         # The head runs in float32 so the probabilities (and the losses built on them) keep full precision.
         logits = nn.Dense(num_tokens, kernel_init=dense_init, dtype=jnp.float32, name="head")(
-            x[:, 0].astype(jnp.float32))
+            x[:, 0].astype(jnp.float32)) / self.temperature
+        if self.logit_bound > 0:
+            logits = self.logit_bound * jnp.tanh(logits / self.logit_bound)
         return nn.sigmoid(logits)

@@ -54,7 +54,11 @@ AT_LEAST = {
 }
 
 NON_NEGATIVE = ("optimizer.lr", "optimizer.base_lr", "optimizer.weight_decay", "optimizer.warmup_epochs",
-                "optimizer.min_lr", "optimizer.grad_clip")
+                "optimizer.min_lr", "optimizer.grad_clip", "clmae.masker_logit_bound")
+
+POSITIVE = {  # Field -> fix, for numbers that divide.
+    "clmae.masker_temperature": "use 1.0 for the official sigmoid, above 1 to soften it",
+}
 
 
 def get(config, field: str):
@@ -90,6 +94,10 @@ def check_ranges(config):
         value = get(config, field)
         if value is not None and not (isinstance(value, (int, float)) and value >= 0):
             fail(field, value, "must be a number >= 0", "use 0 to turn it off")
+    for field, fix in POSITIVE.items():
+        value = get(config, field)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            fail(field, value, "must be a number > 0", fix)
     for field in ("optimizer.b1", "optimizer.b2", "optimizer.momentum"):
         value = get(config, field)
         if value is not None and not 0 <= value < 1:
