@@ -28,3 +28,20 @@ def test_bench_vs_torch_runs_the_gpu_preset_on_cpu_without_tensorflow(tmp_path):
     assert 0.5 < mae["xla_flops_per_image"] / mae["analytic_flops_per_image"] < 2.0
     assert result["clmae_over_mae_flops"] > 2.0
     assert "| jax_mae_einsum |" in proc.stdout
+
+
+def test_clmae_sweep_table_gives_mean_and_sample_std_over_seeds_and_the_equal_compute_epochs():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import clmae_sweep
+    run = lambda knn, seconds: {"results": {"knn_acc1": knn, "best_test_accuracy": 0.5}, "pretrain_seconds": seconds,
+                                "epochs": 5, "protocols_done": ["knn"]}
+    sweep = {"runs": {"mae_s0": run(80.0, 60.0), "mae_s1": run(82.0, 60.0), "clmae_s0": run(81.0, 276.0)}}
+    summary = clmae_sweep.summary(sweep)
+    assert summary["mae"]["kNN acc@1"] == (81.0, pytest.approx(2 ** 0.5), 2)
+    assert summary["mae"]["fine-tune best"][0] == 50.0  # Fine-tuning accuracies are fractions: shown in percent.
+    assert clmae_sweep.equal_compute_epochs(sweep) == 23  # 5 epochs x 276 / 60 = 23.
+    table = clmae_sweep.table(sweep)
+    assert "| mae | 81.00 ± 1.41 (2) |" in table and "| clmae | 81.00 (1) |" in table
+    del sweep["runs"]["clmae_s0"]
+    with pytest.raises(SystemExit, match="needs mae and clmae of seed 0"):
+        clmae_sweep.equal_compute_epochs(sweep)

@@ -1,0 +1,149 @@
+"""CL-MAE against MAE over seeds, at equal epochs and at equal compute, every protocol (issue 21, part 2).
+
+    python bench/clmae_sweep.py --out=runs/sweep --evals=knn,linear,fewshot,finetune   # what is missing
+    python bench/clmae_sweep.py --table                                                # the table from the JSON
+
+Arms: MAE, CL-MAE (official recipe), CL-MAE `:adversarial`, all for --epochs on Fashion-MNIST, and MAE given the
+wall clock CL-MAE took (its epochs = --epochs x the measured CL-MAE / MAE pretraining time of seed 0). Every
+pretraining and protocol runs as a user runs it (`main.py`, through bench/compare_encoders.py's commands) in
+--out/<arm>_s<seed>/, so a rerun resumes a stopped run and skips finished ones; each result goes into --json as soon
+as it exists. The table gives mean ± sample std over the seeds done (n per cell).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare_encoders  # noqa: E402
+
+ROOT = compare_encoders.ROOT
+ARMS = {  # name -> pretraining config
+    "mae": "mae_fashion_mnist.py",
+    "clmae": "clmae_fashion_mnist.py",
+    "clmae_adversarial": "clmae_fashion_mnist.py:adversarial",
+    "mae_equal_compute": "mae_fashion_mnist.py",
+}
+
+def read(path: str) -> dict:
+    """The sweep's JSON: {"runs": {"<arm>_s<seed>": {"pretrain_seconds", "epochs", "results"}}}."""
+    if not os.path.exists(path):
+        return {"runs": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+def write(path: str, sweep: dict):
+    """Writes the JSON atomically, so a stop mid-write loses nothing recorded."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(sweep, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def equal_compute_epochs(sweep: dict) -> int:
+    """MAE's epochs x (CL-MAE / MAE pretraining seconds of seed 0), rounded up; needs both runs done."""
+    runs = sweep["runs"]
+    if "epochs" not in runs.get("clmae_s0", {}) or "epochs" not in runs.get("mae_s0", {}):
+        sys.exit("error: mae_equal_compute needs mae and clmae of seed 0 first; put them before it in --arms.")
+    ratio = runs["clmae_s0"]["pretrain_seconds"] / runs["mae_s0"]["pretrain_seconds"]
+    return math.ceil(runs["mae_s0"]["epochs"] * ratio)
+
+
+def pretrain(arm: str, seed: int, epochs: int, workdir: str) -> float:
+    """Runs (or resumes) one pretraining; the wall seconds of this call (a run resumed after the sweep was stopped
+    counts only its last part: compare arms on uninterrupted seed-0 runs)."""
+    start = time.time()
+    cmd = [sys.executable, f"{ROOT}/main.py", f"--config={ROOT}/configs/{ARMS[arm]}", f"--workdir={workdir}",
+           f"--config.seed={seed}", f"--config.num_epochs={epochs}", "--config.total_steps=0",
+           *flags.FLAGS.pretrain_override]
+    if arm.startswith("clmae"):  # One lambda_CL stage per epoch is too coarse for 5 epochs; 20 over the run.
+        cmd.append("--config.clmae.curriculum_stages=20")
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
+        if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT):
+            sys.exit(f"error: pretraining {arm} seed {seed} failed; see {workdir}/sweep_log.txt")
+    return time.time() - start
+
+
+def summary(sweep: dict) -> dict:
+    """{arm: {column label: (mean, std, n)}} over the seeds recorded."""
+    columns = [c for p in compare_encoders.PROTOCOLS for c in compare_encoders.COLUMNS[p]]
+    out = {}
+    for arm in ARMS:
+        runs = [r for name, r in sweep["runs"].items() if name.rsplit("_s", 1)[0] == arm]
+        cells = {}
+        for key, label, scale in columns:
+            values = [r["results"][key] * scale for r in runs if key in r["results"]]
+            if values:
+                std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+                cells[label] = (float(np.mean(values)), std, len(values))
+        if runs:
+            cells["pretrain min"] = (float(np.mean([r["pretrain_seconds"] for r in runs])) / 60, float("nan"),
+                                     len(runs))
+            cells["epochs"] = (float(runs[0]["epochs"]), float("nan"), len(runs))
+        if cells:
+            out[arm] = cells
+    return out
+
+
+def table(sweep: dict) -> str:
+    """Markdown: one row per arm, `mean ± std (n)` per column (std of one seed: none)."""
+    rows = summary(sweep)
+    labels = [label for label in dict.fromkeys(k for cells in rows.values() for k in cells)]
+    lines = ["| arm | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for arm, cells in rows.items():
+        text = []
+        for label in labels:
+            if label not in cells:
+                text.append("-")
+                continue
+            mean, std, n = cells[label]
+            text.append(f"{mean:.2f}" + ("" if math.isnan(std) else f" ± {std:.2f}") + f" ({n})")
+        lines.append(f"| {arm} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    """Runs the missing pretrainings and protocols, recording each; prints the table."""
+    del argv
+    path = flags.FLAGS.json
+    sweep = read(path)
+    if not flags.FLAGS.table:
+        unknown = [a for a in flags.FLAGS.arms if a not in ARMS]
+        if unknown:
+            sys.exit(f"error: unknown arm(s) {', '.join(unknown)}; use {', '.join(ARMS)}.")
+        for seed in map(int, flags.FLAGS.seeds):
+            for arm in flags.FLAGS.arms:
+                name, workdir = f"{arm}_s{seed}", os.path.join(flags.FLAGS.out, f"{arm}_s{seed}")
+                run = sweep["runs"].setdefault(name, {"results": {}, "pretrain_seconds": 0.0})
+                if "epochs" not in run:
+                    epochs = equal_compute_epochs(sweep) if arm == "mae_equal_compute" else flags.FLAGS.epochs
+                    run["pretrain_seconds"] += pretrain(arm, seed, epochs, os.path.join(workdir, "pretrain"))
+                    run["epochs"] = epochs
+                    write(path, sweep)
+                for protocol in flags.FLAGS.evals:
+                    if protocol in run.get("protocols_done", []):
+                        continue
+                    results, _ = compare_encoders.run_protocol(protocol, os.path.join(workdir, "pretrain"),
+                                                               os.path.join(workdir, protocol))
+                    run["results"].update({k: v for k, v in results.items() if isinstance(v, (int, float))})
+                    run.setdefault("protocols_done", []).append(protocol)
+                    write(path, sweep)
+                    print(f"{name} {protocol} done", flush=True)
+    print(table(sweep))
+
+
+if __name__ == "__main__":  # Flags only as a script (tests import the tables); --out, --evals: compare_encoders'.
+    flags.DEFINE_string("json", os.path.join(ROOT, "bench", "results", "clmae_sweep.json"), "Where results land.")
+    flags.DEFINE_list("arms", list(ARMS), f"Arms, from {', '.join(ARMS)}.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Pretraining seeds.")
+    flags.DEFINE_integer("epochs", 5, "Pretraining epochs of every arm but mae_equal_compute.")
+    flags.DEFINE_bool("table", False, "Only print the table of what --json holds.")
+    flags.DEFINE_multi_string("pretrain_override", [], "--config.KEY=VALUE for every pretraining run (e.g. a smoke).")
+    app.run(main)
