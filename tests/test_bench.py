@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cpu_env
 
 
 def test_bench_vs_torch_runs_the_gpu_preset_on_cpu_without_tensorflow(tmp_path):
@@ -15,7 +15,7 @@ def test_bench_vs_torch_runs_the_gpu_preset_on_cpu_without_tensorflow(tmp_path):
     out = tmp_path / "vs_torch.json"
     cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_vs_torch.py"), "--preset=gpu", "--smoke",
            "--attentions=einsum", "--peers=hf", "--rounds=1", "--steps=1", f"--out={out}"]
-    proc = subprocess.run(cmd, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 from clmae_jax.evaluate import bank as bank_lib, fewshot, knn, linear, load  # noqa: E402
 from clmae_jax.runtime import mesh as mesh_lib  # noqa: E402
 from clmae_jax.runtime.errors import UserError  # noqa: E402
-from conftest import Main, load_params, run_main  # noqa: E402
+from conftest import Main, cpu_env, load_params, run_main, shared_dir  # noqa: E402
 
 NUM_CLASSES, DIM = 6, 12
 
@@ -107,7 +107,7 @@ def free_port():
 
 def run_workers(devices: int, processes: int) -> list:
     """Runs this file as kNN workers; returns each process's JSON output."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = cpu_env(devices)
     port = free_port()
     procs = [subprocess.Popen([sys.executable, __file__, str(port), str(processes), str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -199,16 +199,19 @@ def test_one_shot_knn_is_the_nearest_neighbour():
 
 # ----- Real checkpoints and the eval experiment.
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One-step MAE and CL-MAE runs on Fashion-MNIST (trained in parallel), as {"mae": dir, "clmae": dir}."""
-    base = tmp_path_factory.mktemp("runs")
-    dirs = {name: str(base / name) for name in ("mae", "clmae")}
-    runs = [Main(dirs[name], f"{name}_fashion_mnist.py:test", "--config.total_steps=1",
-                 "--config.checkpoint_every_steps=1") for name in dirs]
+def train_both(base: str):
+    """One-step MAE and CL-MAE runs on Fashion-MNIST in base/mae and base/clmae, trained in parallel."""
+    runs = [Main(os.path.join(base, name), f"{name}_fashion_mnist.py:test", "--config.total_steps=1",
+                 "--config.checkpoint_every_steps=1") for name in ("mae", "clmae")]
     for run in runs:
         assert run.wait(300) == 0, run.stderr[-3000:]
-    return dirs
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """{"mae": dir, "clmae": dir} of `train_both`, trained once for the whole session."""
+    base = shared_dir(tmp_path_factory, "mae_and_clmae_runs", train_both)
+    return {name: os.path.join(base, name) for name in ("mae", "clmae")}
 
 
 def encoder_config(checkpoint, **fields):

@@ -134,11 +134,10 @@ def main():
 @pytest.fixture(scope="module")
 def measured():
     """The numbers of `main()` on 8 fake CPU devices."""
-    # Unoptimised CPU code generation: the programs are tiny, their compilation is what takes the time.
-    flags = f"--xla_force_host_platform_device_count={DEVICES} --xla_backend_optimization_level=0"
-    env = dict(os.environ, XLA_FLAGS=flags + " --xla_llvm_disable_expensive_passes=true", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    from conftest import cpu_env  # Not at the top: this file also runs as the subprocess, without pytest.
+    # -O0: these programs are tiny and run a step or two; compiling the many layouts is what takes the time.
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=cpu_env(DEVICES, optimization=0),
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -178,10 +178,9 @@ def test_schedule_of_a_run_follows_the_preset():
 
 
 def test_same_numbers_on_1_and_8_devices(tmp_path, scalars):
-    runs = {}
-    for devices in (1, 8):
-        runs[devices] = str(tmp_path / f"d{devices}")
-        run_main(runs[devices], CONFIG, "--config.log_every_steps=1", devices=devices)
+    runs = {devices: str(tmp_path / f"d{devices}") for devices in (1, 8)}
+    train(runs[1], CONFIG, log_every_steps=1)  # This process has one device.
+    run_main(runs[8], CONFIG, "--config.log_every_steps=1", devices=8)
     for tag in ("loss", "train_accuracy", "test_accuracy"):
         first, second = scalars(runs[1], tag), scalars(runs[8], tag)
         assert sorted(first) == sorted(second) and first

@@ -133,10 +133,9 @@ def test_curriculum_position(stages, steps, expected):
 
 
 def test_one_iteration_same_on_1_and_8_devices(tmp_path, scalars):
-    runs = {}
-    for devices in (1, 8):
-        runs[devices] = str(tmp_path / f"d{devices}")
-        run_main(runs[devices], CONFIG, "--config.total_steps=1", "--config.log_every_steps=1", devices=devices)
+    runs = {devices: str(tmp_path / f"d{devices}") for devices in (1, 8)}
+    train(runs[1], CONFIG, total_steps=1, log_every_steps=1)  # This process has one device.
+    run_main(runs[8], CONFIG, "--config.total_steps=1", "--config.log_every_steps=1", devices=8)
     for tag in ("mae_loss", "masker_loss", "loss_kl", "loss_diversity", "mae_loss_random_mask"):
         assert scalars(runs[1], tag)[1] == pytest.approx(scalars(runs[8], tag)[1], abs=1e-5), tag
     assert_trees_close(load_params(runs[1], 1), load_params(runs[8], 1), atol=1e-5)

@@ -9,17 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_trees_close, load_params, run_main, train
+from conftest import ROOT, assert_trees_close, cpu_env, load_params, run_main, train
 
 CONFIG = "mae_fashion_mnist.py:test"
 
 
 def test_same_loss_and_params_on_1_and_8_devices(tmp_path, scalars):
-    runs = {}
-    for devices in (1, 8):
-        workdir = str(tmp_path / f"d{devices}")
-        run_main(workdir, CONFIG, "--config.total_steps=2", "--config.log_every_steps=1", devices=devices)
-        runs[devices] = workdir
+    runs = {devices: str(tmp_path / f"d{devices}") for devices in (1, 8)}
+    train(runs[1], CONFIG, total_steps=2, log_every_steps=1)  # This process has one device.
+    run_main(runs[8], CONFIG, "--config.total_steps=2", "--config.log_every_steps=1", devices=8)
     loss1, loss8 = scalars(runs[1], "loss"), scalars(runs[8], "loss")
     assert sorted(loss1) == [1, 2]
     np.testing.assert_allclose([loss1[s] for s in (1, 2)], [loss8[s] for s in (1, 2)], atol=1e-5)
@@ -54,7 +52,7 @@ def test_two_processes_on_localhost(tmp_path, config, scalars):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     workdir = str(tmp_path / "multi")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = cpu_env(2)
     procs = [subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "main.py"), f"--config={ROOT}/configs/{config}", f"--workdir={workdir}",
          "--config.total_steps=2", "--config.log_every_steps=1", f"--coordinator_address=127.0.0.1:{port}",
