@@ -58,7 +58,7 @@ class Experiment:
         sharding; with config.nonfinite='skip' a non-finite update is dropped (see loop.skip_nonfinite)."""
         if self.config.get("nonfinite", "stop") == "skip":
             step_fn = loop.skip_nonfinite(step_fn)
-        return jax.jit(step_fn, donate_argnums=0, static_argnums=static_argnums,
+        return jax.jit(mesh_lib.traced_under(self.mesh, step_fn), donate_argnums=0, static_argnums=static_argnums,
                        out_shardings=(self.state_sharding, self.replicated))
 
     @functools.cached_property

@@ -59,6 +59,7 @@ def accumulate_gradients(loss_and_grad, params, batch: dict, rng, accum_steps: i
 
     `loss_and_grad(params, micro_batch, rng) -> ((loss, aux), grads)`; with accum_steps == 1 it is called once.
     """
+    params = mesh_lib.gathered(params)
     if accum_steps == 1:
         return loss_and_grad(params, batch, rng)
     batch_size = jax.tree.leaves(batch)[0].shape[0]

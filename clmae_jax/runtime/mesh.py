@@ -1,4 +1,5 @@
 """Device mesh, shardings and global arrays: the one place that knows how devices are laid out."""
+import functools
 import os
 
 import jax
@@ -57,6 +58,23 @@ def make_mesh(mesh_config=None, devices=None) -> Mesh:
     # fsdp is the inner axis: the shards of one parameter sit on neighbouring devices (same host, fastest links),
     # and the flattened order stays jax.devices(), so every layout splits a batch the same way.
     return Mesh(devices.reshape(mesh_shape(mesh_config, devices.size)), (DATA_AXIS, FSDP_AXIS))
+
+
+def traced_under(mesh: Mesh, fn):
+    """`fn`, traced with `mesh` as the abstract mesh: sharding constraints inside it (`gathered`) see the mesh."""
+    @functools.wraps(fn)
+    def under_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+    return under_mesh
+
+
+def gathered(tree):
+    """`tree` whole on every device when traced under a mesh (traced_under), a no-op otherwise: FSDP's gather of the
+    parameters for the forward and backward passes, made explicit. Left to itself the TPU compiler lays activations
+    out like the parameter shards and all-gathers them in every block (ViT-B MAE, v5e-256, fsdp 4: 1,585 MiB
+    all-gathered per step instead of 694)."""
+    return tree if jax.sharding.get_abstract_mesh().empty else jax.lax.with_sharding_constraint(tree, P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
