@@ -1,5 +1,6 @@
-"""Shared test set-up: the repo on sys.path, quiet TensorFlow, a persistent XLA cache, torchvision before
-TensorFlow; the one way to run main.py in a subprocess (Main, run_main) and to read a checkpoint (load_state)."""
+"""Shared test set-up: the repo on sys.path, quiet TensorFlow, a persistent XLA cache, LLVM -O1, torchvision before
+TensorFlow; the one way to run main.py in a subprocess (Main, run_main, in cpu_env), to share a reference run across
+xdist workers (shared_dir) and to read a checkpoint (load_state)."""
 import fcntl
 import os
 import shutil
