@@ -1,0 +1,79 @@
+"""How hard are a CL-MAE run's learned masks for an MAE that never trained on them? (issue 21)
+
+    python bench/clmae_judge.py --judge=runs/mae_fmnist runs/clmae_a runs/clmae_b[/checkpoints/STEP] ...
+
+A run's own `difficulty` (learned-mask loss / random-mask loss of its own MAE) is biased low: its MAE trains only on
+learned masks and grows used to them. Here an MAE trained on random masks (an MAE run of the same geometry) judges the
+same masks. A judge meets any structured mask out of distribution, which biases it high, so every row also gives the
+masks' inverse (the top-k of 1 - keep-probability: keep what the module would hide) as a control.
+"""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from clmae_jax.models.clmae import CLMAE  # noqa: E402
+from clmae_jax.runtime import checkpoint, data, loop  # noqa: E402
+from clmae_jax.train_mae import random_masked_loss  # noqa: E402
+
+flags.DEFINE_string("judge", None, "Workdir (or step folder) of an MAE run of the same geometry.", required=True)
+flags.DEFINE_integer("images", 512, "Un-augmented eval-split images to measure on.")
+flags.DEFINE_integer("random_masks", 4, "Random masks per image averaged for the baseline.")
+flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "clmae_judge.json"),
+                    "JSON path.")
+
+
+def load(path: str) -> tuple:
+    """(training config, parameters, step) of a run folder or step folder."""
+    workdir, folder, step = checkpoint.resolve_step_folder(path)
+    return checkpoint.read_train_config(workdir, folder), checkpoint.restore_params(folder), step
+
+
+def mask_losses(model: CLMAE, config, mae_params, images, keep) -> dict:
+    """MAE loss under the learned mask, its inverse and random masks (mean over seeds), and the two ratios."""
+    learned = float(model.learned_mask_loss(mae_params, images, keep)[0])
+    inverse = float(model.learned_mask_loss(mae_params, images, 1.0 - keep)[0])
+    random = float(np.mean([random_masked_loss(model.mae, config, mae_params, images, jax.random.PRNGKey(seed))[0]
+                            for seed in range(flags.FLAGS.random_masks)]))
+    return {"learned": learned, "inverse": inverse, "random": random, "difficulty": learned / random,
+            "inverse_difficulty": inverse / random}
+
+
+def judge_run(path: str, judge_params) -> dict:
+    """Losses of one CL-MAE checkpoint's learned masks under its own MAE and under the judge."""
+    config, params, step = load(path)
+    model = CLMAE(config)
+    images = data.normalize(jnp.asarray(loop.fixed_batch(config, flags.FLAGS.images)), config.input.mean,
+                            config.input.std)
+    _, keep = model.keep_probabilities(params, images)
+    return {"run": os.path.abspath(path), "step": step,
+            "lambda_cl_stages": config.clmae.get("curriculum_stages", 0),
+            "own": mask_losses(model, config, params["mae"], images, keep),
+            "judge": mask_losses(model, config, judge_params, images, keep)}
+
+
+def main(argv):
+    """Judges every run given; prints the table and writes the JSON."""
+    if len(argv) < 2:
+        sys.exit("usage: clmae_judge.py --judge=MAE_RUN CLMAE_RUN [CLMAE_RUN ...]")
+    _, judge_params, judge_step = load(flags.FLAGS.judge)
+    rows = [judge_run(path, judge_params) for path in argv[1:]]
+    print(f"difficulty = MAE loss under the learned mask / under random masks; judge: {flags.FLAGS.judge}@{judge_step}")
+    print("| run | step | own MAE: learned / inverse | judge: learned / inverse |\n|---|---|---|---|")
+    for row in rows:
+        own, judge = row["own"], row["judge"]
+        print(f"| {row['run']} | {row['step']} | {own['difficulty']:.3f} / {own['inverse_difficulty']:.3f} | "
+              f"{judge['difficulty']:.3f} / {judge['inverse_difficulty']:.3f} |")
+    os.makedirs(os.path.dirname(flags.FLAGS.out), exist_ok=True)
+    with open(flags.FLAGS.out, "w") as f:
+        json.dump({"judge": os.path.abspath(flags.FLAGS.judge), "judge_step": judge_step, "images":
+                   flags.FLAGS.images, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
