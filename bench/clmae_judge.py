@@ -28,12 +28,6 @@ flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__
                     "JSON path.")
 
 
-def load(path: str) -> tuple:
-    """(training config, parameters, step) of a run folder or step folder."""
-    workdir, folder, step = checkpoint.resolve_step_folder(path)
-    return checkpoint.read_train_config(workdir, folder), checkpoint.restore_params(folder), step
-
-
 def mask_losses(model: CLMAE, config, mae_params, images, keep) -> dict:
     """MAE loss under the learned mask, its inverse and random masks (mean over seeds), and the two ratios."""
     learned = float(model.learned_mask_loss(mae_params, images, keep)[0])
@@ -46,7 +40,7 @@ def mask_losses(model: CLMAE, config, mae_params, images, keep) -> dict:
 
 def judge_run(path: str, judge_params) -> dict:
     """Losses of one CL-MAE checkpoint's learned masks under its own MAE and under the judge."""
-    config, params, step = load(path)
+    config, params, step = checkpoint.read_run(path)
     model = CLMAE(config)
     images = data.normalize(jnp.asarray(loop.fixed_batch(config, flags.FLAGS.images)), config.input.mean,
                             config.input.std)
@@ -61,7 +55,7 @@ def main(argv):
     """Judges every run given; prints the table and writes the JSON."""
     if len(argv) < 2:
         sys.exit("usage: clmae_judge.py --judge=MAE_RUN CLMAE_RUN [CLMAE_RUN ...]")
-    _, judge_params, judge_step = load(flags.FLAGS.judge)
+    _, judge_params, judge_step = checkpoint.read_run(flags.FLAGS.judge)
     rows = [judge_run(path, judge_params) for path in argv[1:]]
     print(f"difficulty = MAE loss under the learned mask / under random masks; judge: {flags.FLAGS.judge}@{judge_step}")
     print("| run | step | own MAE: learned / inverse | judge: learned / inverse |\n|---|---|---|---|")

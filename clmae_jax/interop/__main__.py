@@ -21,7 +21,7 @@ from clmae_jax.interop.classifier_torch import load_torch_weights, save_classifi
 from clmae_jax.interop.mae_torch import save_fbmae, save_hf
 from clmae_jax.models.geometry import Geometry, params_geometry
 from clmae_jax.models.vit import vit_size
-from clmae_jax.runtime.checkpoint import is_run_folder, read_train_config, resolve_step_folder, restore_params
+from clmae_jax.runtime.checkpoint import is_run_folder, read_run
 from clmae_jax.runtime.errors import UserError
 
 FORMATS = ("fbmae", "hf", "npz")
@@ -29,9 +29,7 @@ FORMATS = ("fbmae", "hf", "npz")
 
 def load_run(path: str, step: int) -> tuple:
     """(geometry, params) of one of our runs (MAE, CL-MAE or ViT classifier), the geometry from its training config."""
-    workdir, folder, _ = resolve_step_folder(path, step)
-    config = read_train_config(workdir, folder)
-    params = restore_params(folder)
+    config, params, _ = read_run(path, step)
     known = dict(image_size=config.input.image_size, num_heads=vit_size(config.model.size)["num_heads"],
                  mean=config.input.mean, std=config.input.std)
     if config.model.get("name") == "vit":  # A supervised / fine-tuning run of the ViT classifier.

@@ -188,6 +188,13 @@ def restore_params(step_folder: str, wanted: dict | None = None) -> dict:
     return ocp.PyTreeCheckpointer().restore(os.path.join(step_folder, "state"), args=args)["params"]
 
 
+def read_run(path: str, step: int = -1) -> tuple:
+    """(training config, parameters, step) of a run: a workdir (its newest committed step, or `step`) or a step
+    folder."""
+    workdir, folder, step = resolve_step_folder(path, step)
+    return read_train_config(workdir, folder), restore_params(folder), step
+
+
 class Checkpointer:
     """A CheckpointManager over `workdir/checkpoints` holding the train state and a small JSON of metadata."""
 
