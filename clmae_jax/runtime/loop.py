@@ -58,6 +58,7 @@ def accumulate_gradients(loss_and_grad, params, batch: dict, rng, accum_steps: i
     """Averages (loss, aux), grads over `accum_steps` equal micro-batches, so a small machine keeps a large batch.
 
     `loss_and_grad(params, micro_batch, rng) -> ((loss, aux), grads)`; with accum_steps == 1 it is called once.
+    Under FSDP it runs on the gathered parameters (mesh.gathered).
     """
     params = mesh_lib.gathered(params)
     if accum_steps == 1:
