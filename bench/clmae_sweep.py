@@ -4,7 +4,8 @@
     python bench/clmae_sweep.py --table                                                # the table from the JSON
 
 Arms: MAE, CL-MAE (official recipe), CL-MAE `:adversarial`, all for --epochs on Fashion-MNIST, and MAE given the
-wall clock CL-MAE took (its epochs = --epochs x the measured CL-MAE / MAE pretraining time of seed 0). Every
+compute CL-MAE took (its epochs = --epochs x CL-MAE / MAE pretraining CPU seconds, mean over the seeds that have
+both; CPU seconds, not wall, so a run sharing the machine with other work still measures its own cost). Every
 pretraining and protocol runs as a user runs it (`main.py`, through bench/compare_encoders.py's commands) in
 --out/<arm>_s<seed>/, so a rerun resumes a stopped run and skips finished ones; each result goes into --json as soon
 as it exists. The table gives mean ± sample std over the seeds done (n per cell).
@@ -12,6 +13,7 @@ as it exists. The table gives mean ± sample std over the seeds done (n per cell
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -31,7 +33,8 @@ ARMS = {  # name -> pretraining config
 }
 
 def read(path: str) -> dict:
-    """The sweep's JSON: {"runs": {"<arm>_s<seed>": {"pretrain_seconds", "epochs", "results"}}}."""
+    """The sweep's JSON: {"runs": {"<arm>_s<seed>": {"pretrain_seconds", "pretrain_cpu_seconds", "epochs",
+    "results"}}}."""
     if not os.path.exists(path):
         return {"runs": {}}
     with open(path) as f:
@@ -47,18 +50,27 @@ def write(path: str, sweep: dict):
 
 
 def equal_compute_epochs(sweep: dict) -> int:
-    """MAE's epochs x (CL-MAE / MAE pretraining seconds of seed 0), rounded up; needs both runs done."""
+    """MAE's epochs x (CL-MAE / MAE pretraining CPU seconds, mean over seeds with both), rounded up."""
     runs = sweep["runs"]
-    if "epochs" not in runs.get("clmae_s0", {}) or "epochs" not in runs.get("mae_s0", {}):
-        sys.exit("error: mae_equal_compute needs mae and clmae of seed 0 first; put them before it in --arms.")
-    ratio = runs["clmae_s0"]["pretrain_seconds"] / runs["mae_s0"]["pretrain_seconds"]
-    return math.ceil(runs["mae_s0"]["epochs"] * ratio)
+    seeds = {name.rsplit("_s", 1)[1] for name in runs}
+    ratios = [runs[f"clmae_s{s}"]["pretrain_cpu_seconds"] / runs[f"mae_s{s}"]["pretrain_cpu_seconds"] for s in seeds
+              if all(runs.get(f"{arm}_s{s}", {}).get("pretrain_cpu_seconds") for arm in ("mae", "clmae"))]
+    if not ratios:
+        sys.exit("error: mae_equal_compute needs mae and clmae of one seed pretrained with CPU seconds recorded; "
+                 "put both before it in --arms.")
+    return math.ceil(runs["mae_s0"]["epochs"] * float(np.mean(ratios)))
 
 
-def pretrain(arm: str, seed: int, epochs: int, workdir: str) -> float:
-    """Runs (or resumes) one pretraining; the wall seconds of this call (a run resumed after the sweep was stopped
-    counts only its last part: compare arms on uninterrupted seed-0 runs)."""
-    start = time.time()
+def child_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pretrain(arm: str, seed: int, epochs: int, workdir: str) -> tuple[float, float]:
+    """Runs (or resumes) one pretraining; (wall, CPU) seconds of this call (a run resumed after the sweep was stopped
+    counts only its last part: compare arms on uninterrupted runs)."""
+    start, start_cpu = time.time(), child_cpu_seconds()
     cmd = [sys.executable, f"{ROOT}/main.py", f"--config={ROOT}/configs/{ARMS[arm]}", f"--workdir={workdir}",
            f"--config.seed={seed}", f"--config.num_epochs={epochs}", "--config.total_steps=0",
            *flags.FLAGS.pretrain_override]
@@ -68,7 +80,7 @@ def pretrain(arm: str, seed: int, epochs: int, workdir: str) -> float:
     with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
         if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT):
             sys.exit(f"error: pretraining {arm} seed {seed} failed; see {workdir}/sweep_log.txt")
-    return time.time() - start
+    return time.time() - start, child_cpu_seconds() - start_cpu
 
 
 def summary(sweep: dict) -> dict:
@@ -84,8 +96,9 @@ def summary(sweep: dict) -> dict:
                 std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
                 cells[label] = (float(np.mean(values)), std, len(values))
         if runs:
-            cells["pretrain min"] = (float(np.mean([r["pretrain_seconds"] for r in runs])) / 60, float("nan"),
-                                     len(runs))
+            cpu = [r["pretrain_cpu_seconds"] for r in runs if r.get("pretrain_cpu_seconds")]
+            if cpu:
+                cells["pretrain CPU min"] = (float(np.mean(cpu)) / 60, float("nan"), len(cpu))
             cells["epochs"] = (float(runs[0]["epochs"]), float("nan"), len(runs))
         if cells:
             out[arm] = cells
@@ -124,7 +137,9 @@ def main(argv):
                 run = sweep["runs"].setdefault(name, {"results": {}, "pretrain_seconds": 0.0})
                 if "epochs" not in run:
                     epochs = equal_compute_epochs(sweep) if arm == "mae_equal_compute" else flags.FLAGS.epochs
-                    run["pretrain_seconds"] += pretrain(arm, seed, epochs, os.path.join(workdir, "pretrain"))
+                    wall, cpu = pretrain(arm, seed, epochs, os.path.join(workdir, "pretrain"))
+                    run["pretrain_seconds"] += wall
+                    run["pretrain_cpu_seconds"] = run.get("pretrain_cpu_seconds", 0.0) + cpu
                     run["epochs"] = epochs
                     write(path, sweep)
                 for protocol in flags.FLAGS.evals:

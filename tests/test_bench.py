@@ -33,15 +33,18 @@ def test_bench_vs_torch_runs_the_gpu_preset_on_cpu_without_tensorflow(tmp_path):
 def test_clmae_sweep_table_gives_mean_and_sample_std_over_seeds_and_the_equal_compute_epochs():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import clmae_sweep
-    run = lambda knn, seconds: {"results": {"knn_acc1": knn, "best_test_accuracy": 0.5}, "pretrain_seconds": seconds,
-                                "epochs": 5, "protocols_done": ["knn"]}
-    sweep = {"runs": {"mae_s0": run(80.0, 60.0), "mae_s1": run(82.0, 60.0), "clmae_s0": run(81.0, 276.0)}}
+    run = lambda knn, cpu: {"results": {"knn_acc1": knn, "best_test_accuracy": 0.5}, "pretrain_seconds": 1.0,
+                            "pretrain_cpu_seconds": cpu, "epochs": 5, "protocols_done": ["knn"]}
+    sweep = {"runs": {"mae_s0": run(80.0, 60.0), "mae_s1": run(82.0, 0.0), "clmae_s0": run(81.0, 276.0)}}
     summary = clmae_sweep.summary(sweep)
     assert summary["mae"]["kNN acc@1"] == (81.0, pytest.approx(2 ** 0.5), 2)
     assert summary["mae"]["fine-tune best"][0] == 50.0  # Fine-tuning accuracies are fractions: shown in percent.
-    assert clmae_sweep.equal_compute_epochs(sweep) == 23  # 5 epochs x 276 / 60 = 23.
+    assert clmae_sweep.equal_compute_epochs(sweep) == 23  # 5 epochs x 276 / 60 CPU seconds = 23.
+    assert summary["mae"]["pretrain CPU min"][::2] == (1.0, 1)  # mae_s1 recorded no CPU seconds.
     table = clmae_sweep.table(sweep)
     assert "| mae | 81.00 ± 1.41 (2) |" in table and "| clmae | 81.00 (1) |" in table
-    del sweep["runs"]["clmae_s0"]
-    with pytest.raises(SystemExit, match="needs mae and clmae of seed 0"):
+    sweep["runs"]["mae_s1"]["pretrain_cpu_seconds"], sweep["runs"]["clmae_s1"] = 30.0, run(80.0, 300.0)
+    assert clmae_sweep.equal_compute_epochs(sweep) == 37  # 5 x mean(276 / 60, 300 / 30) = 36.5, rounded up.
+    del sweep["runs"]["clmae_s0"], sweep["runs"]["clmae_s1"]
+    with pytest.raises(SystemExit, match="needs mae and clmae of one seed"):
         clmae_sweep.equal_compute_epochs(sweep)
