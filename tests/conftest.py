@@ -21,7 +21,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # LLVM at -O1 instead of -O2 for the CPU code: the test programs are small, so compiling them is much of their time.
 # Measured on 2 cores, uncached: a 6-step MAE run 34 s instead of 40 s; a 60-step one 49 s instead of 54 s (-O0
 # compiles faster still, 29 s, but runs 60 steps in 97 s).
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=1")
+LLVM_OPTIMIZATION = 1
+os.environ.setdefault("XLA_FLAGS", f"--xla_backend_optimization_level={LLVM_OPTIMIZATION}")
 
 try:  # torchvision (which timm imports) segfaults on import once TensorFlow is loaded; the other order is safe.
     import torchvision  # noqa: F401, E402
@@ -42,10 +43,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def pytest_configure(config):
     """Registers the markers the suite uses."""
-    config.addinivalue_line("markers", "slow: the longest tests (CI runs them; `-m 'not slow'` for a quick pass)")
+    config.addinivalue_line("markers", "slow: starts main.py or another process, compiles for a TPU, or trains for "
+                            "over ~30 s on 2 cores (CI runs every test; `-m 'not slow'` is the quick tier)")
 
 
-def cpu_env(devices: int = 1, optimization: int = 1) -> dict:
+def cpu_env(devices: int = 1, optimization: int = LLVM_OPTIMIZATION) -> dict:
     """The environment of a test subprocess: the CPU backend as `devices` fake devices, LLVM at -O`optimization`."""
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
         f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level={optimization}"))

@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, cpu_env
 
 
+@pytest.mark.slow
 def test_bench_vs_torch_runs_the_gpu_preset_on_cpu_without_tensorflow(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "vs_torch.json"

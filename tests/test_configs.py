@@ -78,6 +78,7 @@ def test_every_config_has_a_smoke_variant_that_passes_the_check_and_rejects_unkn
         load(name, smoke_variant(name).replace("smoke", "smok"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,experiment", [("mae_vitb", MAE), ("clmae_vitb", CLMAEExperiment)])
 def test_imagenet_configs_take_a_smoke_step(name, experiment):
     config = load(name, "smoke")

@@ -118,6 +118,7 @@ def run_workers(devices: int, processes: int) -> list:
     return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices,processes", [(8, 1), (2, 2)])
 def test_knn_sharded_over_devices_and_processes(devices, processes):
     for output in run_workers(devices, processes):
@@ -219,6 +220,7 @@ def encoder_config(checkpoint, **fields):
                                           input=dict(mean=(0.5,), std=(0.5,))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mae", "clmae"])
 def test_loading_a_run_gives_the_encoder_weights_bit_for_bit(runs, kind):
     saved = load_params(runs[kind], 1)
@@ -240,6 +242,7 @@ def test_loading_a_run_gives_the_encoder_weights_bit_for_bit(runs, kind):
     np.testing.assert_array_equal(ours, reference)
 
 
+@pytest.mark.slow
 def test_geometry_mismatch_is_one_line_naming_both_sides(runs):
     with pytest.raises(UserError) as error:
         load.load_encoder(encoder_config(runs["mae"], size="base", patch_size=16))
@@ -254,6 +257,7 @@ def test_geometry_mismatch_is_one_line_naming_both_sides(runs):
         evaluator.run(load_params(runs["mae"], 1))
 
 
+@pytest.mark.slow
 def test_pretraining_knn_evaluator_compiles_once(runs):
     from clmae_jax.evaluate.evaluators import EncoderProtocolEvaluator
     from configs import eval_knn, mae_fashion_mnist
@@ -269,6 +273,7 @@ def test_pretraining_knn_evaluator_compiles_once(runs):
     assert set(first) == {"knn_acc1", "knn_accnn"} and 0 <= second["knn_acc1"] <= 100
 
 
+@pytest.mark.slow
 def test_eval_experiment_writes_results_and_resumes(runs, tmp_path):
     from clmae_jax.evaluate import run
     from configs import eval_fewshot, eval_knn
@@ -289,6 +294,7 @@ def test_eval_experiment_writes_results_and_resumes(runs, tmp_path):
     assert run.evaluate_encoder(config, workdir)["knn_acc1"] == -1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mae", "clmae"])
 def test_fine_tuning_starts_from_the_pretrained_encoder(runs, kind, tmp_path):
     from cbm_jax.train_supervised import build_classifier, init_variables
@@ -308,6 +314,7 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(runs, kind, tmp_path):
         init_variables(build_classifier(config, 10), config, 10)
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_an_exported_pytorch_file_equals_from_the_run(runs, tmp_path):
     pytest.importorskip("torch")
     from cbm_jax.train_supervised import build_classifier, init_variables
@@ -324,6 +331,7 @@ def test_fine_tuning_from_an_exported_pytorch_file_equals_from_the_run(runs, tmp
     jax.tree.map(np.testing.assert_array_equal, from_file, init_variables(model, config, 10)["params"])
 
 
+@pytest.mark.slow
 def test_fine_tuning_run_through_main(runs, tmp_path):
     workdir, steps = str(tmp_path / "finetune"), 60
     # Mixup, drop path and layer decay off and a higher lr, so 60 steps of 64 images learn (38% measured); a run

@@ -143,7 +143,8 @@ def stopped_line(number, step: int, workdir: str) -> str:
             "command to resume.")
 
 
-@pytest.mark.parametrize("number", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+@pytest.mark.slow
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT],
                          ids=["SIGTERM", "SIGINT"])
 def test_signal_saves_the_current_step_and_the_rerun_equals_uninterrupted(tmp_path, mae_reference,
                                                                          number):
@@ -231,6 +232,7 @@ def garble_manifest(step_dir):
     (truncate, remove_metadata, ("truncated state/", "missing state/_METADATA")),
     (garble_manifest, remove_commit_marker, ("garbled checksums.json", "uncommitted")),
 ])
+@pytest.mark.slow
 def test_corrupt_newest_checkpoints_are_set_aside_and_the_run_resumes(tmp_path, mae_reference,
                                                                       newest, second, reasons):
     workdir = copy_of(mae_reference, tmp_path)
@@ -248,6 +250,7 @@ def test_corrupt_newest_checkpoints_are_set_aside_and_the_run_resumes(tmp_path, 
     assert_same_state(mae_reference, workdir)  # Retrained the two lost steps exactly.
 
 
+@pytest.mark.slow
 def test_committed_step_without_manifest_restores_and_gets_one(tmp_path, mae_reference):
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL - 1,))
     step_dir = os.path.join(workdir, "checkpoints", str(TOTAL - 1))
@@ -259,6 +262,7 @@ def test_committed_step_without_manifest_restores_and_gets_one(tmp_path, mae_ref
     assert_same_state(mae_reference, workdir)
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_restores_the_error_lists_what_was_tried(tmp_path, mae_reference):
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL - 1, TOTAL))
     write_random_bytes(os.path.join(workdir, "checkpoints", str(TOTAL)))
@@ -277,6 +281,7 @@ def test_when_no_checkpoint_restores_the_error_lists_what_was_tried(tmp_path, ma
     (MAE, ("--config.model.size=tiny",), "params/cls_token/cls has shape (1, 1, 128) in the checkpoint and "
                                          "(1, 1, 192) in this config"),
 ])
+@pytest.mark.slow
 def test_checkpoint_of_another_config_is_one_line_naming_the_field(tmp_path, mae_reference, config,
                                                                    override, field):
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL,))
@@ -299,6 +304,7 @@ def snapshot(workdir) -> dict:
     return files
 
 
+@pytest.mark.slow
 def test_resume_that_changes_the_model_is_refused_and_leaves_the_workdir_as_it_was(tmp_path, mae_reference,
                                                                                     ):
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL,))
@@ -312,6 +318,7 @@ def test_resume_that_changes_the_model_is_refused_and_leaves_the_workdir_as_it_w
     assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_goes_on_and_keeps_a_config_history(tmp_path, mae_reference):
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL - 2,))
     run = run_ok(workdir, MAE, f"--config.keep_checkpoints={TOTAL}", "--config.seed=5", "--config.batch_size=8")
@@ -326,6 +333,7 @@ def test_resume_with_other_settings_goes_on_and_keeps_a_config_history(tmp_path,
         assert json.load(f)["seed"] == 5
 
 
+@pytest.mark.slow
 def test_export_and_evaluation_read_the_geometry_saved_in_the_checkpoint(tmp_path, mae_reference):
     from clmae_jax.evaluate import load
     from clmae_jax.interop.__main__ import load_run
@@ -339,6 +347,7 @@ def test_export_and_evaluation_read_the_geometry_saved_in_the_checkpoint(tmp_pat
 # ---------------------------------------------------------------- non-finite training ---------------------------
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_stops_with_one_line_and_no_nan_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
     run = run_failing(workdir, MAE, "--config.optimizer.base_lr=1e6")
@@ -351,6 +360,7 @@ def test_huge_learning_rate_stops_with_one_line_and_no_nan_checkpoint(tmp_path):
 # ---------------------------------------------------------------- full disk -------------------------------------
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_is_one_line_and_the_rerun_loses_nothing(tmp_path, mae_reference):
     workdir = copy_of(mae_reference, tmp_path, keep=(3, 4))
     # Files may not grow past 2 MB: logs and the XLA cache fit, a checkpoint's data files do not (EFBIG, the same
@@ -369,6 +379,7 @@ def test_full_disk_while_saving_is_one_line_and_the_rerun_loses_nothing(tmp_path
 # ---------------------------------------------------------------- one run per workdir ---------------------------
 
 
+@pytest.mark.slow
 def test_second_run_on_a_workdir_is_refused_and_a_crashed_holder_is_taken_over(tmp_path):
     workdir = str(tmp_path / "locked")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
@@ -384,6 +395,7 @@ def test_second_run_on_a_workdir_is_refused_and_a_crashed_holder_is_taken_over(t
     assert "ended without releasing it" in run.stderr
 
 
+@pytest.mark.slow
 def test_lock_refuses_a_live_holder_and_takes_over_from_a_dead_one(tmp_path):
     workdir = str(tmp_path)
     held = lock.acquire(workdir)
@@ -518,6 +530,7 @@ def test_unwritable_workdir_is_named(tmp_path):
         validate.check_config(mae_config(), str(tmp_path / "file" / "run"))
 
 
+@pytest.mark.slow
 def test_bad_config_value_through_main_is_one_line(tmp_path):
     run = run_failing(str(tmp_path / "bad"), MAE, "--config.mae.mask_ratio=1.5")
     assert run.last_line() == ("error: config.mae.mask_ratio=1.5 must be strictly between 0 and 1; the MAE paper "

@@ -84,6 +84,7 @@ class NaNAtStep2(MAE):
         return state, measurements
 
 
+@pytest.mark.slow
 def test_nan_between_logging_steps_is_never_checkpointed(tmp_path):
     config = mae_fashion_mnist.get_config("test")
     config.update(total_steps=4, log_every_steps=100, checkpoint_every_steps=1, image_every_steps=0)

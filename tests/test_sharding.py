@@ -142,6 +142,7 @@ def measured():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mae", "clmae"])
 def test_fsdp_matches_replicated(measured, name):
     for layout, result in measured[name].items():
@@ -152,12 +153,14 @@ def test_fsdp_matches_replicated(measured, name):
         assert measured[name]["data2_fsdp4"]["shard_fraction"] == pytest.approx(1 / 4)
 
 
+@pytest.mark.slow
 def test_checkpoints_restore_into_either_layout(measured):
     assert set(measured["checkpoints"]) == {f"{a}->{b}" for a in ("replicated", "fsdp8") for b in ("replicated", "fsdp8")}
     for pair, result in measured["checkpoints"].items():
         assert result["diff"] == 0.0 and result["sharding_as_template"], (pair, result)
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_stay_spread_over_all_devices(measured):
     dims = measured["accumulation"]
     assert dims and set(dims) == {64 // 4 // DEVICES}, dims

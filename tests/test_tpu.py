@@ -48,6 +48,7 @@ def counts(figures: dict) -> dict:
     return {kind: c["count"] for kind, c in figures["collectives"].items()}
 
 
+@pytest.mark.slow
 def test_mae_step_compiles_for_tpu_replicated_and_fsdp_with_the_collectives_and_memory_of_each():
     replicated, fsdp = compile_training("mae", 1)["mae_step"], compile_training("mae", 4)["mae_step"]
     # Data parallelism all-reduces gradients and gathers nothing; FSDP gathers parameters for the forward pass,
@@ -61,6 +62,7 @@ def test_mae_step_compiles_for_tpu_replicated_and_fsdp_with_the_collectives_and_
     assert replicated["estimated_seconds"] > 0 and replicated["xla_flops_per_chip"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,programs", [("clmae", {"mae_step", "masker_step"}), ("cbm", {"train_step"})])
 def test_clmae_steps_and_cbm_step_compile_for_tpu_with_fsdp(name, programs):
     compiled = compile_training(name, 4)
@@ -70,6 +72,7 @@ def test_clmae_steps_and_cbm_step_compile_for_tpu_with_fsdp(name, programs):
         assert 0 < figures["peak_gib_per_chip"] < tpu.chip(TOPOLOGY).hbm_gib
 
 
+@pytest.mark.slow
 def test_estimated_cycles_count_a_loop_body_once_per_iteration():
     devices = tpu.topology_devices(TOPOLOGY)
     sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("data",)), jax.sharding.PartitionSpec())

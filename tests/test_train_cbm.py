@@ -86,6 +86,7 @@ def labelled_batch(images):
     return {"image": images, "label": jnp.arange(b) % 10, "mask": jnp.ones(b, jnp.int32)}
 
 
+@pytest.mark.slow
 def test_training_masks_and_evaluation_does_not():
     config = tiny_config()
     model, state, train_step, eval_step = setup(config)
@@ -122,7 +123,8 @@ def test_train_step_updates_batch_stats_and_learns_a_batch():
     assert float(measurements["loss"]) < first
 
 
-@pytest.mark.parametrize("name", ["wrn_52_2", "cvt13", "vit"])
+@pytest.mark.parametrize("name", [pytest.param("wrn_52_2", marks=pytest.mark.slow),
+                                  pytest.param("cvt13", marks=pytest.mark.slow), "vit"])
 def test_every_model_takes_a_cbm_step(name):
     config = tiny_config()
     config.model.update(name=name, size="mini", patch_size=4, init_from="")
@@ -177,6 +179,7 @@ def test_schedule_of_a_run_follows_the_preset():
     assert counts[:10] == [1, 3, 5, 7, 9] * 2 and len(counts) == 100
 
 
+@pytest.mark.slow
 def test_same_numbers_on_1_and_8_devices(tmp_path, scalars):
     runs = {devices: str(tmp_path / f"d{devices}") for devices in (1, 8)}
     train(runs[1], CONFIG, log_every_steps=1)  # This process has one device.
@@ -188,6 +191,7 @@ def test_same_numbers_on_1_and_8_devices(tmp_path, scalars):
     assert_trees_close(load_params(runs[1], 4), load_params(runs[8], 4), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_and_keeps_results(tmp_path, scalars):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train(straight, CONFIG)
@@ -207,12 +211,14 @@ def test_resume_equals_uninterrupted_and_keeps_results(tmp_path, scalars):
     assert any(name.startswith("cbm_masks_") for name in os.listdir(os.path.join(straight, "images")))
 
 
+@pytest.mark.slow
 def test_evaluating_without_a_checkpoint_is_one_clear_line(tmp_path):
     proc = run_main(str(tmp_path), CONFIG, "--config.experiment=cbm_eval", check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and last.startswith("error: No checkpoint in ") and "--workdir" in last
 
 
+@pytest.mark.slow
 def test_missing_cvt_weights_is_one_clear_line(tmp_path):
     proc = run_main(str(tmp_path), CONFIG, "--config.model.name=cvt13", "--config.input.channels=3",
                     "--config.input.mean=(0.5,0.5,0.5)", "--config.input.std=(0.5,0.5,0.5)",
@@ -221,6 +227,7 @@ def test_missing_cvt_weights_is_one_clear_line(tmp_path):
     assert proc.returncode != 0 and last.startswith("error: CvT weights /nowhere/cvt.pth not found")
 
 
+@pytest.mark.slow
 def test_one_compilation_per_distinct_masked_cell_count(monkeypatch):
     config = tiny_config()
     config.num_epochs, config.total_steps = 10, 0

@@ -44,6 +44,7 @@ def assert_changed(a, b):
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_exact_freezing_leaves_the_other_half_bit_identical():
     _, _, state, mae_step, masker_step, batch = setup(small_config("exact"))
     for _ in range(2):  # The second iteration has non-zero Adam moments on both halves.
@@ -58,6 +59,7 @@ def test_exact_freezing_leaves_the_other_half_bit_identical():
     assert int(state.step) == 2
 
 
+@pytest.mark.slow
 def test_official_freezing_moves_the_frozen_half_only_through_adamw():
     config = small_config("official")
     _, tx, state, mae_step, masker_step, batch = setup(config)
@@ -132,6 +134,7 @@ def test_curriculum_position(stages, steps, expected):
         assert [train_clmae.curriculum_weight_at(config, FakeRun(), s) for s in range(steps)] == expected
 
 
+@pytest.mark.slow
 def test_one_iteration_same_on_1_and_8_devices(tmp_path, scalars):
     runs = {devices: str(tmp_path / f"d{devices}") for devices in (1, 8)}
     train(runs[1], CONFIG, total_steps=1, log_every_steps=1)  # This process has one device.
@@ -141,6 +144,7 @@ def test_one_iteration_same_on_1_and_8_devices(tmp_path, scalars):
     assert_trees_close(load_params(runs[1], 1), load_params(runs[8], 1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_mid_curriculum_equals_uninterrupted(tmp_path, scalars):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     fields = {"total_steps": 4, "clmae.curriculum_stages": 4, "log_every_steps": 1}

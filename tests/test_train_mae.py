@@ -14,6 +14,7 @@ from conftest import ROOT, assert_trees_close, cpu_env, load_params, run_main, t
 CONFIG = "mae_fashion_mnist.py:test"
 
 
+@pytest.mark.slow
 def test_same_loss_and_params_on_1_and_8_devices(tmp_path, scalars):
     runs = {devices: str(tmp_path / f"d{devices}") for devices in (1, 8)}
     train(runs[1], CONFIG, total_steps=2, log_every_steps=1)  # This process has one device.
@@ -35,6 +36,7 @@ def test_stop_resume_equals_uninterrupted(tmp_path, scalars):
     assert scalars(resumed, "loss")[4] == pytest.approx(scalars(straight, "loss")[4], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_real_training_lowers_the_loss(tmp_path, scalars):
     workdir = str(tmp_path / "learn")
     run_main(workdir, "mae_fashion_mnist.py", "--config.total_steps=60", "--config.batch_size=64",
@@ -46,6 +48,7 @@ def test_real_training_lowers_the_loss(tmp_path, scalars):
     assert scalars(workdir, "steps_per_sec")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [CONFIG, "cbm_fashion_mnist.py:test"])
 def test_two_processes_on_localhost(tmp_path, config, scalars):
     with socket.socket() as s:
@@ -69,6 +72,7 @@ def test_two_processes_on_localhost(tmp_path, config, scalars):
         assert scalars(workdir, "test_examples") == {2: 10_000.0}
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_one_clear_line(tmp_path):
     proc = run_main(str(tmp_path), CONFIG, "--config.batch_sizee=8", check=False)
     assert proc.returncode != 0
@@ -76,6 +80,7 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
         'error: unknown config key on the command line: Did you mean "batch_size" instead of "batch_sizee"?')
 
 
+@pytest.mark.slow
 def test_patch_size_mismatch_and_missing_data_are_clear(tmp_path):
     proc = run_main(str(tmp_path / "a"), CONFIG, "--config.input.image_size=30", check=False)
     assert proc.stderr.strip().splitlines()[-1] == (

@@ -73,6 +73,7 @@ def training_losses(config_module, experiment_cls, loss_key: str, param_dtype: s
     return np.array(losses), state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", [(mae_fashion_mnist, train_mae.MAE, "loss"),
                                    (clmae_fashion_mnist, train_clmae.CLMAEExperiment, "mae_loss")],
                          ids=["mae", "clmae"])
