@@ -107,3 +107,7 @@ def test_validate_names_the_bad_field_in_one_line(field, value, message):
 def test_validate_accepts_the_defaults_and_the_adversarial_variant():
     for variant in ("test", "adversarial"):
         validate.check_config(clmae_fashion_mnist.get_config(variant), options=train_clmae.OPTIONS)
+    official, adversarial = (clmae_fashion_mnist.get_config(v).to_dict() for v in ("", "adversarial"))
+    assert adversarial["clmae"].pop("masker_lr_schedule") == "constant"  # The one field the variant changes.
+    del official["clmae"]["masker_lr_schedule"]
+    assert adversarial == official
