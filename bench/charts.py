@@ -16,7 +16,7 @@ def line_chart(title: str, curves: dict, y_range: tuple, hline: float | None = N
                        height - margin - (height - 2 * margin) * (y - low) / (high - low))
     draw.rectangle([at(0, high), at(x_max, low)], outline="black")
     for y in np.linspace(low, high, 5):
-        draw.text((2, at(0, y)[1] - 5), f"{y:.2g}", fill="black", font=font)
+        draw.text((2, at(0, y)[1] - 5), f"{y:.3g}", fill="black", font=font)
     draw.text((width / 2 - 20, height - margin + 4), f"step (0-{x_max})", fill="black", font=font)
     draw.text((margin, 4), title, fill="black", font=font)
     if hline is not None:
