@@ -33,7 +33,7 @@ MAE, CLMAE, CBM = "mae_fashion_mnist.py:test", "clmae_fashion_mnist.py:test", "c
 
 
 def fault_run(workdir, config, *overrides, **kwargs) -> Main:
-    """main.py started on a 12-step run that logs and saves every step (FAST), then `overrides`."""
+    """main.py started on a TOTAL-step run that logs and saves every step (FAST), then `overrides`."""
     return Main(workdir, config, *FAST, *overrides, **kwargs)
 
 
@@ -181,16 +181,19 @@ def pair(workdir, *overrides, peer_timeout_s=10) -> list:
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_saves_the_step_both_agree_on(tmp_path):
     workdir = str(tmp_path / "pair")
-    runs = pair(workdir, "--config.checkpoint_every_steps=0")
+    # The processes agree on a step some way past the notice: a run of TOTAL steps can end there before stopping.
+    total = 10 * TOTAL
+    overrides = ("--config.checkpoint_every_steps=0", f"--config.total_steps={total}")
+    runs = pair(workdir, *overrides)
     wait_for_step(runs[1], 4)
     runs[1].proc.send_signal(signal.SIGTERM)  # The notice reaches one host only.
     assert [r.wait() for r in runs] == [75, 75], runs[0].stderr[-3000:]
     saved = steps_on_disk(workdir)
-    assert len(saved) == 1 and 4 <= saved[0] < TOTAL, saved
+    assert len(saved) == 1 and 4 <= saved[0] < total, saved
     assert [r.last_line() for r in runs] == [stopped_line(signal.SIGTERM, saved[0], workdir)] * 2
-    rerun = pair(workdir, "--config.checkpoint_every_steps=0")
+    rerun = pair(workdir, *overrides)
     assert [r.wait() for r in rerun] == [0, 0], rerun[0].stderr[-3000:]
-    assert f"starting at step {saved[0]} of {TOTAL}" in rerun[0].stderr
+    assert f"starting at step {saved[0]} of {total}" in rerun[0].stderr
 
 
 # ---------------------------------------------------------------- corrupt, partial and foreign checkpoints ----
