@@ -3,7 +3,7 @@
     python bench/clmae_sweep.py --out=runs/sweep --evals=knn,linear,fewshot,finetune   # what is missing
     python bench/clmae_sweep.py --table                                                # the table from the JSON
 
-Arms: MAE, CL-MAE (official recipe), CL-MAE `:adversarial`, all for --epochs on Fashion-MNIST, and MAE given the
+Arms: MAE, CL-MAE (official recipe), CL-MAE `:adversarial`, all for --epochs on Fashion-MNIST at one base lr, and MAE given the
 compute CL-MAE took (its epochs = --epochs x CL-MAE / MAE pretraining CPU seconds, mean over the seeds that have
 both; CPU seconds, not wall, so a run sharing the machine with other work still measures its own cost). Every
 pretraining and protocol runs as a user runs it (`main.py`, through bench/compare_encoders.py's commands) in
@@ -25,6 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare_encoders  # noqa: E402
 
 ROOT = compare_encoders.ROOT
+sys.path.insert(0, ROOT)
+from configs import clmae_fashion_mnist  # noqa: E402
+
+# Every arm at CL-MAE's base learning rate (the MAE quickstart's is 1.5e-3), so the arms differ only in masking.
+BASE_LR = clmae_fashion_mnist.get_config().optimizer.base_lr
 ARMS = {  # name -> pretraining config
     "mae": "mae_fashion_mnist.py",
     "clmae": "clmae_fashion_mnist.py",
@@ -73,6 +78,7 @@ def pretrain(arm: str, seed: int, epochs: int, workdir: str) -> tuple[float, flo
     start, start_cpu = time.time(), child_cpu_seconds()
     cmd = [sys.executable, f"{ROOT}/main.py", f"--config={ROOT}/configs/{ARMS[arm]}", f"--workdir={workdir}",
            f"--config.seed={seed}", f"--config.num_epochs={epochs}", "--config.total_steps=0",
+           f"--config.optimizer.base_lr={BASE_LR}",
            *flags.FLAGS.pretrain_override]
     if arm.startswith("clmae"):  # One lambda_CL stage per epoch is too coarse for 5 epochs; 20 over the run.
         cmd.append("--config.clmae.curriculum_stages=20")
