@@ -55,14 +55,17 @@ def write(path: str, sweep: dict):
 
 
 def equal_compute_epochs(sweep: dict) -> int:
-    """MAE's epochs x (CL-MAE / MAE pretraining CPU seconds, mean over seeds with both), rounded up."""
+    """MAE's epochs x (CL-MAE / MAE pretraining CPU seconds, mean over the seeds and CL-MAE arms with both), rounded
+    up. Both CL-MAE arms run the same program (only the module's learning-rate schedule differs), so either one
+    measures CL-MAE's cost."""
     runs = sweep["runs"]
     seeds = {name.rsplit("_s", 1)[1] for name in runs}
-    ratios = [runs[f"clmae_s{s}"]["pretrain_cpu_seconds"] / runs[f"mae_s{s}"]["pretrain_cpu_seconds"] for s in seeds
-              if all(runs.get(f"{arm}_s{s}", {}).get("pretrain_cpu_seconds") for arm in ("mae", "clmae"))]
+    ratios = [runs[f"{arm}_s{s}"]["pretrain_cpu_seconds"] / runs[f"mae_s{s}"]["pretrain_cpu_seconds"]
+              for s in seeds for arm in ("clmae", "clmae_adversarial")
+              if all(runs.get(f"{a}_s{s}", {}).get("pretrain_cpu_seconds") for a in ("mae", arm))]
     if not ratios:
-        sys.exit("error: mae_equal_compute needs mae and clmae of one seed pretrained with CPU seconds recorded; "
-                 "put both before it in --arms.")
+        sys.exit("error: mae_equal_compute needs mae and a CL-MAE arm of one seed pretrained with CPU seconds "
+                 "recorded; put both before it in --arms.")
     return math.ceil(runs["mae_s0"]["epochs"] * float(np.mean(ratios)))
 
 

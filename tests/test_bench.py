@@ -47,5 +47,8 @@ def test_clmae_sweep_table_gives_mean_and_sample_std_over_seeds_and_the_equal_co
     sweep["runs"]["mae_s1"]["pretrain_cpu_seconds"], sweep["runs"]["clmae_s1"] = 30.0, run(80.0, 300.0)
     assert clmae_sweep.equal_compute_epochs(sweep) == 37  # 5 x mean(276 / 60, 300 / 30) = 36.5, rounded up.
     del sweep["runs"]["clmae_s0"], sweep["runs"]["clmae_s1"]
-    with pytest.raises(SystemExit, match="needs mae and clmae of one seed"):
+    sweep["runs"]["clmae_adversarial_s0"] = run(79.0, 300.0)  # The same program: its cost counts as CL-MAE's.
+    assert clmae_sweep.equal_compute_epochs(sweep) == 25
+    del sweep["runs"]["clmae_adversarial_s0"]
+    with pytest.raises(SystemExit, match="needs mae and a CL-MAE arm of one seed"):
         clmae_sweep.equal_compute_epochs(sweep)
