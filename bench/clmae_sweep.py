@@ -3,9 +3,9 @@
     python bench/clmae_sweep.py --out=runs/sweep --evals=knn,linear,fewshot,finetune   # what is missing
     python bench/clmae_sweep.py --table                                                # the table from the JSON
 
-Arms: MAE, CL-MAE (official recipe), CL-MAE `:adversarial`, all for --epochs on Fashion-MNIST at one base lr, and MAE given the
-compute CL-MAE took (its epochs = --epochs x CL-MAE / MAE pretraining CPU seconds, mean over the seeds that have
-both; CPU seconds, not wall, so a run sharing the machine with other work still measures its own cost). Every
+Arms: MAE, CL-MAE (official recipe), CL-MAE `:adversarial`, all for --epochs on Fashion-MNIST at one base lr, and MAE
+given the compute CL-MAE took (its epochs = --epochs x CL-MAE / MAE pretraining CPU seconds, mean over the seeds that
+have both; CPU seconds, not wall, so a run sharing the machine with other work still measures its own cost). Every
 pretraining and protocol runs as a user runs it (`main.py`, through bench/compare_encoders.py's commands) in
 --out/<arm>_s<seed>/, so a rerun resumes a stopped run and skips finished ones; each result goes into --json as soon
 as it exists. The table gives mean ± sample std over the seeds done (n per cell).
