@@ -4,11 +4,11 @@
     python bench/clmae_sweep.py --table                                                # the table from the JSON
 
 Arms: MAE, CL-MAE (official recipe), CL-MAE `:adversarial`, all for --epochs on Fashion-MNIST at one base lr, and MAE
-given the compute CL-MAE took (its epochs = --epochs x CL-MAE / MAE pretraining CPU seconds, mean over the seeds that
-have both; CPU seconds, not wall, so a run sharing the machine with other work still measures its own cost). Every
-pretraining and protocol runs as a user runs it (`main.py`, through bench/compare_encoders.py's commands) in
---out/<arm>_s<seed>/, so a rerun resumes a stopped run and skips finished ones; each result goes into --json as soon
-as it exists. The table gives mean ± sample std over the seeds done (n per cell).
+given the compute CL-MAE took (its epochs = --epochs x CL-MAE / MAE pretraining CPU seconds, mean over the seeds and
+CL-MAE arms that have both; CPU seconds, not wall, so a run sharing the machine with other work still measures its own
+cost). Every pretraining and protocol runs as a user runs it (`main.py`, through bench/compare_encoders.py's commands)
+in --out/<arm>_s<seed>/, so a rerun resumes a stopped run and skips finished ones; each result goes into --json as
+soon as it exists. The table gives mean ± sample std over the seeds done (n per cell).
 """
 import json
 import math
@@ -83,8 +83,6 @@ def pretrain(arm: str, seed: int, epochs: int, workdir: str) -> tuple[float, flo
            f"--config.seed={seed}", f"--config.num_epochs={epochs}", "--config.total_steps=0",
            f"--config.optimizer.base_lr={BASE_LR}",
            *flags.FLAGS.pretrain_override]
-    if arm.startswith("clmae"):  # One lambda_CL stage per epoch is too coarse for 5 epochs; 20 over the run.
-        cmd.append("--config.clmae.curriculum_stages=20")
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "sweep_log.txt"), "a") as log:
         if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT):
