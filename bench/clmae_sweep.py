@@ -10,7 +10,6 @@ cost). Every pretraining and protocol runs as a user runs it (`main.py`, through
 in --out/<arm>_s<seed>/, so a rerun resumes a stopped run and skips finished ones; each result goes into --json as
 soon as it exists. The table gives mean ± sample std over the seeds done (n per cell).
 """
-import json
 import math
 import os
 import resource
@@ -23,6 +22,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare_encoders  # noqa: E402
+import sweeps  # noqa: E402
 
 ROOT = compare_encoders.ROOT
 sys.path.insert(0, ROOT)
@@ -36,23 +36,6 @@ ARMS = {  # name -> pretraining config
     "clmae_adversarial": "clmae_fashion_mnist.py:adversarial",
     "mae_equal_compute": "mae_fashion_mnist.py",
 }
-
-def read(path: str) -> dict:
-    """The sweep's JSON: {"runs": {"<arm>_s<seed>": {"pretrain_seconds", "pretrain_cpu_seconds", "epochs",
-    "results"}}}."""
-    if not os.path.exists(path):
-        return {"runs": {}}
-    with open(path) as f:
-        return json.load(f)
-
-
-def write(path: str, sweep: dict):
-    """Writes the JSON atomically, so a stop mid-write loses nothing recorded."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(sweep, f, indent=2)
-    os.replace(path + ".tmp", path)
-
 
 def equal_compute_epochs(sweep: dict) -> int:
     """MAE's epochs x (CL-MAE / MAE pretraining CPU seconds, mean over the seeds and CL-MAE arms with both), rounded
@@ -95,13 +78,9 @@ def summary(sweep: dict) -> dict:
     columns = [c for p in compare_encoders.PROTOCOLS for c in compare_encoders.COLUMNS[p]]
     out = {}
     for arm in ARMS:
-        runs = [r for name, r in sweep["runs"].items() if name.rsplit("_s", 1)[0] == arm]
-        cells = {}
-        for key, label, scale in columns:
-            values = [r["results"][key] * scale for r in runs if key in r["results"]]
-            if values:
-                std = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
-                cells[label] = (float(np.mean(values)), std, len(values))
+        runs = sweeps.arm_runs(sweep, arm)
+        cells = {label: sweeps.mean_std([r["results"][key] * scale for r in runs if key in r["results"]])
+                 for key, label, scale in columns if any(key in r["results"] for r in runs)}
         if runs:
             cpu = [r["pretrain_cpu_seconds"] for r in runs if r.get("pretrain_cpu_seconds")]
             if cpu:
@@ -114,26 +93,14 @@ def summary(sweep: dict) -> dict:
 
 def table(sweep: dict) -> str:
     """Markdown: one row per arm, `mean ± std (n)` per column (std of one seed: none)."""
-    rows = summary(sweep)
-    labels = [label for label in dict.fromkeys(k for cells in rows.values() for k in cells)]
-    lines = ["| arm | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for arm, cells in rows.items():
-        text = []
-        for label in labels:
-            if label not in cells:
-                text.append("-")
-                continue
-            mean, std, n = cells[label]
-            text.append(f"{mean:.2f}" + ("" if math.isnan(std) else f" ± {std:.2f}") + f" ({n})")
-        lines.append(f"| {arm} | " + " | ".join(text) + " |")
-    return "\n".join(lines)
+    return sweeps.markdown(summary(sweep))
 
 
 def main(argv):
     """Runs the missing pretrainings and protocols, recording each; prints the table."""
     del argv
     path = flags.FLAGS.json
-    sweep = read(path)
+    sweep = sweeps.read(path)
     if not flags.FLAGS.table:
         unknown = [a for a in flags.FLAGS.arms if a not in ARMS]
         if unknown:
@@ -148,7 +115,7 @@ def main(argv):
                     run["pretrain_seconds"] += wall
                     run["pretrain_cpu_seconds"] = run.get("pretrain_cpu_seconds", 0.0) + cpu
                     run["epochs"] = epochs
-                    write(path, sweep)
+                    sweeps.write(path, sweep)
                 for protocol in flags.FLAGS.evals:
                     if protocol in run.get("protocols_done", []):
                         continue
@@ -156,7 +123,7 @@ def main(argv):
                                                                os.path.join(workdir, protocol))
                     run["results"].update({k: v for k, v in results.items() if isinstance(v, (int, float))})
                     run.setdefault("protocols_done", []).append(protocol)
-                    write(path, sweep)
+                    sweeps.write(path, sweep)
                     print(f"{name} {protocol} done", flush=True)
     print(table(sweep))
 

@@ -7,14 +7,15 @@
 mid-grey), the linear-repeat curriculum "40" (1, 2, 3, 4, 6 of 16 cells, restarting every 5 epochs), SGD with
 momentum, 10 epochs with lr / 10 at epochs 6 and 9. Pictures of masked training images and their salience grids
 land in DIR/images; results.json holds the best and final test accuracy. Variants, comma-separated: 'baseline'
-(no masking), 'random' (uniform instead of salience), 'test' (a handful of steps).
+(no masking), 'random' (uniform instead of salience), 'light' (1, 1, 2, 3, 4 cells: salience then hides about the
+share of a garment that uniform cells hide at "40"), 'test' (a handful of steps).
 """
 from configs import cbm_paper, common
 
 
 def get_config(variant: str = ""):
-    """Variants: '', 'baseline', 'random', 'test', 'smoke', or combinations such as 'baseline,test'."""
-    parts = common.parse_variant(variant, {"baseline", "random", "test"}, "cbm_fashion_mnist.py")
+    """Variants: '', 'baseline', 'random', 'light', 'test', 'smoke', or combinations such as 'baseline,test'."""
+    parts = common.parse_variant(variant, {"baseline", "random", "light", "test"}, "cbm_fashion_mnist.py")
     config = cbm_paper.base_config()
     config.input = common.input_config("fashion_mnist", eval_transform="resize", shuffle_buffer=60_000,
                                        mean=(0.5,), std=(0.5,))
@@ -30,6 +31,8 @@ def get_config(variant: str = ""):
         config.cbm.schedule = "none"
     if "random" in parts:
         config.cbm.salience = "uniform"
+    if "light" in parts:  # The "40" sawtooth's shape, ending at 4 of 16 cells instead of 6.
+        config.cbm.update(preset="", r_min=0.07, r_max=0.25)
     if "test" in parts:
         config.batch_size = 16
         config.eval_batch_size = 2000

@@ -18,7 +18,7 @@ from conftest import ROOT
 CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
                       if f.endswith(".py") and f not in ("__init__.py", "common.py"))
 VARIANTS = {"mae_vitb": ["clmae_budget"], "mae_fashion_mnist": ["test"], "clmae_fashion_mnist": ["test", "adversarial"],
-            "cbm_fashion_mnist": ["test", "baseline", "random", "baseline,test"],
+            "cbm_fashion_mnist": ["test", "baseline", "random", "light", "baseline,test"],
             "cbm_paper": ["cvt13,food101,baseline", "wrn_52_2,cifar10,random"],
             "cbm_resnet18_cifar100": ["baseline", "random"], "cbm_vit_cifar100": ["baseline"]}
 

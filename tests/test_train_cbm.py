@@ -179,6 +179,14 @@ def test_schedule_of_a_run_follows_the_preset():
     assert counts[:10] == [1, 3, 5, 7, 9] * 2 and len(counts) == 100
 
 
+def test_fashion_mnist_variants_mask_their_cell_counts():
+    configs = {variant: cbm_fashion_mnist.get_config(variant) for variant in ("", "light", "random", "baseline")}
+    counts = {v: [num_masked_patches(r, 16) for r in cbm.masking_ratios(c, 10)] for v, c in configs.items()}
+    assert counts[""] == counts["random"] == [1, 2, 3, 4, 6] * 2
+    assert counts["light"] == [1, 1, 2, 3, 4] * 2  # The same sawtooth, ending at 4 cells.
+    assert counts["baseline"] == [0] * 10
+
+
 @pytest.mark.slow
 def test_same_numbers_on_1_and_8_devices(tmp_path, scalars):
     runs = {devices: str(tmp_path / f"d{devices}") for devices in (1, 8)}
