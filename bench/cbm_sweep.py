@@ -7,7 +7,8 @@ Arms (configs/cbm_fashion_mnist.py variants): the baseline (never masked), CBM (
 3, 4, 6 of 16 cells), random (uniform cells, same curriculum) and CBM light (salience, 1, 1, 2, 3, 4 cells). Every
 run goes through `main.py` as a user runs it, in --out/<arm>_s<seed>/, so a rerun resumes a stopped run and skips
 finished ones; each result lands in --json when its run ends. The table gives the final and best test accuracy (%),
-mean ± sample std over the seeds done (n per cell), and each arm's final accuracy minus the baseline's mean.
+mean ± sample std over the seeds done (n per cell), and each arm's final accuracy minus the baseline's mean; a
+second table gives each arm's test accuracy after every epoch, mean over its seeds.
 """
 import concurrent.futures
 import os
@@ -16,12 +17,16 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sweeps  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from clmae_jax.runtime import metrics  # noqa: E402
+
 CONFIG = os.path.join(ROOT, "configs", "cbm_fashion_mnist.py")
 ARMS = {"baseline": ":baseline", "cbm": "", "random": ":random", "cbm_light": ":light"}  # name -> variant
 # Width 8 (a quarter of width 16's FLOPs): a 10-epoch run takes ~19 min on one core here, so 4 arms x 3 seeds fit in
@@ -36,7 +41,7 @@ def command(arm: str, seed: int, workdir: str) -> list[str]:
 
 
 def train(arm: str, seed: int, cores: queue.Queue) -> dict:
-    """Runs (or resumes) one run on a free core; its results.json plus the wall seconds of this call."""
+    """Runs (or resumes) one run on a free core; its results.json, test accuracy per epoch, wall seconds of the call."""
     workdir = os.path.join(flags.FLAGS.out, f"{arm}_s{seed}")
     os.makedirs(workdir, exist_ok=True)
     core, start = cores.get(), time.time()
@@ -49,7 +54,9 @@ def train(arm: str, seed: int, cores: queue.Queue) -> dict:
         cores.put(core)
     if code:
         raise RuntimeError(f"{arm} seed {seed} failed (exit {code}); see {workdir}/sweep_log.txt")
-    return {**sweeps.read(os.path.join(workdir, "results.json")), "seconds": time.time() - start}
+    by_epoch = [accuracy for _, accuracy in sorted(metrics.read_scalars(workdir, "test_accuracy").items())]
+    return {**sweeps.read(os.path.join(workdir, "results.json")), "test_accuracy_by_epoch": by_epoch,
+            "seconds": time.time() - start}
 
 
 def summary(sweep: dict) -> dict:
@@ -72,6 +79,15 @@ def summary(sweep: dict) -> dict:
 def table(sweep: dict) -> str:
     """Markdown: one row per arm."""
     return sweeps.markdown(summary(sweep))
+
+
+def curves(sweep: dict) -> str:
+    """Markdown: each arm's test accuracy (%) after every epoch, mean over its seeds."""
+    rows = {arm: np.mean([r["test_accuracy_by_epoch"] for r in sweeps.arm_runs(sweep, arm)], axis=0) * 100
+            for arm in ARMS if sweeps.arm_runs(sweep, arm)}
+    epochs = max((len(row) for row in rows.values()), default=0)
+    lines = ["| arm | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " |", "|---|" + "---|" * epochs]
+    return "\n".join(lines + [f"| {arm} | " + " | ".join(f"{a:.2f}" for a in row) + " |" for arm, row in rows.items()])
 
 
 def main(argv):
@@ -104,6 +120,7 @@ def main(argv):
         if failed:
             sys.exit("error: " + "; ".join(failed))
     print(table(sweep))
+    print(curves(sweep))
 
 
 if __name__ == "__main__":  # Flags only as a script (tests import the tables).

@@ -57,7 +57,8 @@ def test_clmae_sweep_table_gives_mean_and_sample_std_over_seeds_and_the_equal_co
 def test_cbm_sweep_table_gives_accuracy_in_percent_and_the_gap_to_the_baseline_mean():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import cbm_sweep
-    run = lambda final, best: {"final_test_accuracy": final, "best_test_accuracy": best, "final_epoch": 10}
+    run = lambda final, best: {"final_test_accuracy": final, "best_test_accuracy": best, "final_epoch": 10,
+                               "test_accuracy_by_epoch": [best, final]}
     sweep = {"runs": {"baseline_s0": run(0.93, 0.94), "baseline_s1": run(0.92, 0.94), "cbm_s0": run(0.915, 0.93)}}
     summary = cbm_sweep.summary(sweep)
     assert summary["baseline"]["final acc"] == (pytest.approx(92.5), pytest.approx(0.5 ** 0.5), 2)
@@ -65,6 +66,7 @@ def test_cbm_sweep_table_gives_accuracy_in_percent_and_the_gap_to_the_baseline_m
     assert "random" not in summary
     table = cbm_sweep.table(sweep)
     assert "| cbm | 91.50 (1) | 93.00 (1) | 10.00 (1) | -1.00 (1) |" in table
+    assert "| baseline | 94.00 | 92.50 |" in cbm_sweep.curves(sweep)  # Per epoch, mean over seeds.
     del sweep["runs"]["baseline_s0"], sweep["runs"]["baseline_s1"]
     assert "final - baseline" not in cbm_sweep.summary(sweep)["cbm"]  # No baseline yet: no gap.
 
@@ -78,6 +80,7 @@ def test_cbm_sweep_runs_two_arms_at_once_records_both_and_skips_them_on_a_rerun(
     assert first.returncode == 0, first.stderr[-3000:]
     runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
     assert sorted(runs) == ["baseline_s0", "cbm_s0"] and {r["step"] for r in runs.values()} == {3}
+    assert [len(r["test_accuracy_by_epoch"]) for r in runs.values()] == [1, 1]
     assert "| cbm |" in first.stdout and "final - baseline" in first.stdout
     again = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and "done" not in again.stdout, again.stderr[-3000:]
