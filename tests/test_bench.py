@@ -86,3 +86,32 @@ def test_cbm_sweep_runs_two_arms_at_once_records_both_and_skips_them_on_a_rerun(
     assert again.returncode == 0 and "done" not in again.stdout, again.stderr[-3000:]
     bad = subprocess.run(cmd + ["--arms=cbm,mixup"], env=cpu_env(), capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and "unknown arm(s) mixup" in bad.stderr
+
+
+def test_cbm_hidden_measures_the_share_of_ink_under_the_masked_cells():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import cbm_hidden
+    from configs import cbm_fashion_mnist
+    import jax
+    import jax.numpy as jnp
+    config = cbm_fashion_mnist.get_config()
+    flat = jnp.full((8, 28, 28, 1), 100, jnp.uint8)  # Ink spread evenly: any 4 of 16 cells hold a quarter of it.
+    assert cbm_hidden.ink_hidden(config, flat, 4, jax.random.PRNGKey(0)) == pytest.approx(0.25)
+    one_cell = jnp.zeros((64, 28, 28, 1), jnp.uint8).at[:, 7:14, 7:14].set(200)  # All ink in cell 5.
+    uniform = config.copy_and_resolve_references()
+    uniform.cbm.salience = "uniform"
+    assert cbm_hidden.ink_hidden(uniform, one_cell, 1, jax.random.PRNGKey(0)) < 0.25  # About 1 in 16.
+    assert cbm_hidden.ink_hidden(config, one_cell, 4, jax.random.PRNGKey(0)) > 0.5  # Salience aims at its edges.
+
+
+@pytest.mark.slow
+def test_cbm_hidden_runs_on_real_images_and_writes_its_json(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "cbm_hidden.py"), "--images=200", f"--out={tmp_path}/h.json"]
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "h.json").read_text())
+    assert result["curricula"] == {"cbm": [1, 2, 3, 4, 6], "light": [1, 1, 2, 3, 4]}
+    hidden = result["hidden"]
+    assert sorted(hidden, key=int) == ["1", "2", "3", "4", "6"]
+    assert all(0 < h["uniform"] < h["salience"] < 100 for h in hidden.values())
+    assert "| 6 |" in proc.stdout

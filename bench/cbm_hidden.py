@@ -1,0 +1,81 @@
+"""How much of a Fashion-MNIST garment CBM's masks hide: salience-drawn against uniform cells, per mask count.
+
+    python bench/cbm_hidden.py [--images=4000] [--variants=,light]
+
+For each distinct cell count k of each configs/cbm_fashion_mnist.py variant's curriculum, draws k of the 16 cells of
+real training images with the training step's own sampler (Sobel salience, and uniform as the `:random` arm does)
+and measures the share of the garment's ink (the pixel sum; the background is 0) that the masked cells held, mean over
+the images. Also: cells per image that hold no ink and cells that salience gives zero weight. Table to stdout, JSON to
+--out.
+"""
+import json
+import os
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cbm_jax import train_supervised as cbm  # noqa: E402
+from cbm_jax.masking import num_masked_patches, patch_mask, sample_patches  # noqa: E402
+from clmae_jax.runtime import data  # noqa: E402
+from configs import cbm_fashion_mnist  # noqa: E402
+
+flags.DEFINE_integer("images", 4000, "Real training images (the first N of the train split).")
+flags.DEFINE_list("variants", ["", "light"], "configs/cbm_fashion_mnist.py variants whose mask counts to measure.")
+flags.DEFINE_integer("seed", 0, "Seed of the cell draws.")
+flags.DEFINE_string("out", "bench/results/cbm_hidden.json", "Where the JSON goes.")
+FLAGS = flags.FLAGS
+
+
+def ink_hidden(config, images, k: int, rng) -> float:
+    """Mean share of each image's ink inside the k cells drawn as config.cbm says (salience or uniform)."""
+    cells = sample_patches(rng, cbm.cell_probabilities(config, images), k)
+    kept = patch_mask(cells, config.cbm.grid, images.shape[1], images.shape[2])
+    ink = images.astype(jnp.float32)
+    return float(jnp.mean(1.0 - jnp.sum(ink * kept, axis=(1, 2, 3)) / jnp.sum(ink, axis=(1, 2, 3))))
+
+
+def main(argv):
+    """Prints the table and writes the JSON."""
+    del argv
+    source = data.fashion_mnist_idx("train", None)
+    images = jnp.asarray(next(iter(source.dataset.batch(FLAGS.images).as_numpy_iterator()))["image"])
+    config = cbm_fashion_mnist.get_config()
+    grid = config.cbm.grid
+    cell = images.shape[1] // grid
+    cell_ink = images.reshape(-1, grid, cell, grid, cell).sum(axis=(2, 4)).reshape(-1, grid * grid)
+    weights = cbm.cell_probabilities(config, images)
+    result = {"images": int(images.shape[0]), "cells": grid * grid,
+              "cells_without_ink": float(jnp.mean(jnp.sum(cell_ink == 0, axis=1))),
+              "cells_with_zero_salience": float(jnp.mean(jnp.sum(weights == 0, axis=1))),
+              "largest_salience_weight": float(jnp.mean(jnp.max(weights, axis=1))), "hidden": {}}
+    counts = sorted({num_masked_patches(r, grid * grid) for v in FLAGS.variants
+                     for r in cbm.masking_ratios(cbm_fashion_mnist.get_config(v), 5)} - {0})
+    rng = jax.random.PRNGKey(FLAGS.seed)
+    for k in counts:
+        salience, uniform = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+        uniform.cbm.salience = "uniform"
+        result["hidden"][k] = {name: 100 * ink_hidden(c, images, k, jax.random.fold_in(rng, k))
+                               for name, c in (("salience", salience), ("uniform", uniform))}
+    variants = {v or "cbm": [num_masked_patches(r, grid * grid) for r in
+                             cbm.masking_ratios(cbm_fashion_mnist.get_config(v), 5)] for v in FLAGS.variants}
+    result["curricula"] = variants
+    print(f"{result['images']} images: {result['cells_without_ink']:.2f} of {grid * grid} cells hold no ink, salience "
+          f"gives {result['cells_with_zero_salience']:.2f} zero weight, its largest weight averages "
+          f"{result['largest_salience_weight']:.3f} (uniform {1 / grid ** 2:.4f}); curricula: {variants}")
+    print("| cells masked | ink hidden, salience (%) | ink hidden, uniform (%) | ratio |\n|---|---|---|---|")
+    for k, hidden in result["hidden"].items():
+        print(f"| {k} | {hidden['salience']:.1f} | {hidden['uniform']:.1f} | "
+              f"{hidden['salience'] / hidden['uniform']:.2f} |")
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
