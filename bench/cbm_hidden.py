@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from cbm_jax import train_supervised as cbm  # noqa: E402
 from cbm_jax.masking import num_masked_patches, patch_mask, sample_patches  # noqa: E402
