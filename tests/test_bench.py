@@ -115,3 +115,25 @@ def test_cbm_hidden_runs_on_real_images_and_writes_its_json(tmp_path):
     assert sorted(hidden, key=int) == ["1", "2", "3", "4", "6"]
     assert all(0 < h["uniform"] < h["salience"] < 100 for h in hidden.values())
     assert "| 6 |" in proc.stdout
+
+
+def test_cbm_bn_shift_reestimates_the_batchnorm_statistics_and_nothing_else():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import cbm_bn_shift
+    import jax
+    import numpy as np
+    from cbm_jax import train_supervised as cbm
+    from clmae_jax.runtime import loop, mesh as mesh_lib
+    from configs import cbm_fashion_mnist
+    config = cbm_fashion_mnist.get_config("test")
+    experiment = cbm.Supervised(config, mesh_lib.make_mesh(), loop.Budget(config, 1, 1, 10))
+    state = experiment.create_train_state()
+    white = [{"image": np.full((16, 28, 28, 1), 255, np.uint8)}]
+    once = cbm_bn_shift.reestimated(experiment.model, config, state, white * 40)
+    twice = cbm_bn_shift.reestimated(experiment.model, config, once, white * 40)
+    jax.tree.map(np.testing.assert_array_equal, once.params, state.params)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), once.model_state,
+                                         state.model_state))
+    assert max(moved) > 0.1  # The statistics now describe the white images...
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.02 * (1 + np.abs(b).max())),
+                 twice.model_state, once.model_state)  # ...and 40 more batches of them barely move them.
