@@ -6,7 +6,8 @@ BatchNorm's running mean and variance follow the inputs of the last few hundred 
 are masked images (mid-grey cells), while the test images are whole. For each run's newest checkpoint this measures
 the unmasked test accuracy as saved, then again after re-estimating only the running statistics on --batches
 unmasked training batches (same weights, training-mode forward passes, no gradient step). A large gain for CBM and
-none for the baseline means the masks shifted the statistics. Table to stdout, JSON to --out.
+none for the baseline means the masks shifted the statistics. Table to stdout, JSON to --out (runs measured there
+before with the same --batches are kept).
 """
 import itertools
 import json
@@ -63,7 +64,12 @@ def measure(workdir: str, num_batches: int) -> dict:
 
 def main(argv):
     """Prints the table and writes the JSON."""
-    results = {os.path.basename(path.rstrip("/")): measure(path, FLAGS.batches) for path in argv[1:]}
+    results = {}
+    if os.path.exists(FLAGS.out):  # Runs measured before with the same number of batches stay in the table.
+        with open(FLAGS.out) as f:
+            earlier = json.load(f)
+        results = earlier["runs"] if earlier["batches"] == FLAGS.batches else {}
+    results.update({os.path.basename(path.rstrip("/")): measure(path, FLAGS.batches) for path in argv[1:]})
     print(f"| run | cells masked in the last epoch | test acc as saved | BN statistics re-estimated on "
           f"{FLAGS.batches} unmasked batches | gain |\n|---|---|---|---|---|")
     for name, r in results.items():
