@@ -25,8 +25,6 @@ from cbm_jax import train_supervised as cbm  # noqa: E402
 from cbm_jax.classification import ClassificationEvaluator  # noqa: E402
 from clmae_jax.runtime import checkpoint, data, loop  # noqa: E402
 
-flags.DEFINE_integer("batches", 100, "Unmasked training batches (of the run's batch size) to re-estimate on.")
-flags.DEFINE_string("out", "bench/results/cbm_bn_shift.json", "Where the JSON goes.")
 FLAGS = flags.FLAGS
 
 
@@ -80,5 +78,7 @@ def main(argv):
         json.dump({"batches": FLAGS.batches, "runs": results}, f, indent=2)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # Flags only as a script (tests import the functions).
+    flags.DEFINE_integer("batches", 100, "Unmasked training batches (of the run's batch size) to re-estimate on.")
+    flags.DEFINE_string("out", "bench/results/cbm_bn_shift.json", "Where the JSON goes.")
     app.run(main)

@@ -24,10 +24,6 @@ from cbm_jax.masking import num_masked_patches, patch_mask, sample_patches  # no
 from clmae_jax.runtime import data  # noqa: E402
 from configs import cbm_fashion_mnist  # noqa: E402
 
-flags.DEFINE_integer("images", 4000, "Real training images (the first N of the train split).")
-flags.DEFINE_list("variants", ["", "light"], "configs/cbm_fashion_mnist.py variants whose mask counts to measure.")
-flags.DEFINE_integer("seed", 0, "Seed of the cell draws.")
-flags.DEFINE_string("out", "bench/results/cbm_hidden.json", "Where the JSON goes.")
 FLAGS = flags.FLAGS
 
 
@@ -76,5 +72,9 @@ def main(argv):
         json.dump(result, f, indent=2)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # Flags only as a script (tests import the functions).
+    flags.DEFINE_integer("images", 4000, "Real training images (the first N of the train split).")
+    flags.DEFINE_list("variants", ["", "light"], "configs/cbm_fashion_mnist.py variants whose mask counts to measure.")
+    flags.DEFINE_integer("seed", 0, "Seed of the cell draws.")
+    flags.DEFINE_string("out", "bench/results/cbm_hidden.json", "Where the JSON goes.")
     app.run(main)
