@@ -10,20 +10,18 @@ none for the baseline means the masks shifted the statistics. Table to stdout, J
 before with the same --batches are kept).
 """
 import itertools
-import json
 import os
 import sys
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
-
+import sweeps  # noqa: E402
 from cbm_jax import train_supervised as cbm  # noqa: E402
-from cbm_jax.classification import ClassificationEvaluator  # noqa: E402
-from clmae_jax.runtime import checkpoint, data, loop  # noqa: E402
+from clmae_jax.runtime import checkpoint, data  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -44,38 +42,26 @@ def measure(workdir: str, num_batches: int) -> dict:
     """Test accuracy of a run's newest checkpoint as saved and with re-estimated BatchNorm statistics."""
     workdir, folder, step = checkpoint.resolve_step_folder(workdir)
     config = checkpoint.read_train_config(workdir, folder)
-    run = loop.Run.create(config, workdir)
-    try:
-        experiment = cbm.Supervised(config, run.mesh, run.budget)
-        state, _ = run.restore_or(experiment)
-        evaluator = ClassificationEvaluator("test", ml_collections.ConfigDict(), config, run.mesh,
-                                            cbm.make_eval_step(experiment.model, config))
+    with cbm.restored(config, workdir) as (run, experiment, state, evaluator):
         iterator, _ = data.eval_iterator(config.input, run.source, config.batch_size)
         batches = itertools.islice(iterator, num_batches)
         saved = evaluator.run(state)["test_accuracy"]
         fresh = evaluator.run(reestimated(experiment.model, config, state, batches))["test_accuracy"]
         last_epoch_cells = int(experiment.patches[run.budget.epoch(step - 1)])
-    finally:
-        run.close()
     return {"step": step, "last_epoch_cells": last_epoch_cells, "saved": 100 * saved, "reestimated": 100 * fresh}
 
 
 def main(argv):
     """Prints the table and writes the JSON."""
-    results = {}
-    if os.path.exists(FLAGS.out):  # Runs measured before with the same number of batches stay in the table.
-        with open(FLAGS.out) as f:
-            earlier = json.load(f)
-        results = earlier["runs"] if earlier["batches"] == FLAGS.batches else {}
+    earlier = sweeps.read(FLAGS.out)  # Runs measured before with the same number of batches stay in the table.
+    results = earlier["runs"] if earlier.get("batches") == FLAGS.batches else {}
     results.update({os.path.basename(path.rstrip("/")): measure(path, FLAGS.batches) for path in argv[1:]})
     print(f"| run | cells masked in the last epoch | test acc as saved | BN statistics re-estimated on "
           f"{FLAGS.batches} unmasked batches | gain |\n|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['last_epoch_cells']} | {r['saved']:.2f} | {r['reestimated']:.2f} | "
               f"{r['reestimated'] - r['saved']:+.2f} |")
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump({"batches": FLAGS.batches, "runs": results}, f, indent=2)
+    sweeps.write(FLAGS.out, {"batches": FLAGS.batches, "runs": results})
 
 
 if __name__ == "__main__":  # Flags only as a script (tests import the functions).

@@ -49,17 +49,15 @@ def main(argv):
               "cells_without_ink": float(jnp.mean(jnp.sum(cell_ink == 0, axis=1))),
               "cells_with_zero_salience": float(jnp.mean(jnp.sum(weights == 0, axis=1))),
               "largest_salience_weight": float(jnp.mean(jnp.max(weights, axis=1))), "hidden": {}}
-    counts = sorted({num_masked_patches(r, grid * grid) for v in FLAGS.variants
-                     for r in cbm.masking_ratios(cbm_fashion_mnist.get_config(v), 5)} - {0})
-    rng = jax.random.PRNGKey(FLAGS.seed)
-    for k in counts:
-        salience, uniform = config.copy_and_resolve_references(), config.copy_and_resolve_references()
-        uniform.cbm.salience = "uniform"
-        result["hidden"][k] = {name: 100 * ink_hidden(c, images, k, jax.random.fold_in(rng, k))
-                               for name, c in (("salience", salience), ("uniform", uniform))}
     variants = {v or "cbm": [num_masked_patches(r, grid * grid) for r in
                              cbm.masking_ratios(cbm_fashion_mnist.get_config(v), 5)] for v in FLAGS.variants}
     result["curricula"] = variants
+    uniform = config.copy_and_resolve_references()
+    uniform.cbm.salience = "uniform"
+    rng = jax.random.PRNGKey(FLAGS.seed)
+    for k in sorted({k for counts in variants.values() for k in counts} - {0}):
+        result["hidden"][k] = {name: 100 * ink_hidden(c, images, k, jax.random.fold_in(rng, k))
+                               for name, c in (("salience", config), ("uniform", uniform))}
     print(f"{result['images']} images: {result['cells_without_ink']:.2f} of {grid * grid} cells hold no ink, salience "
           f"gives {result['cells_with_zero_salience']:.2f} zero weight, its largest weight averages "
           f"{result['largest_salience_weight']:.3f} (uniform {1 / grid ** 2:.4f}); curricula: {variants}")

@@ -6,6 +6,7 @@ schedule; evaluation never masks. Salience is computed per batch on device from 
 always matches the augmented image (the official code precomputes it once per image, without augmentation,
 which is the same thing when `config.input.augment="none"`, the paper configs' setting).
 """
+import contextlib
 import os
 
 import flax
@@ -241,8 +242,9 @@ class Supervised(Experiment):
                 "masked_fraction": self.patches[epoch] / self.num_cells}
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict:
-    """Test accuracy and loss of the latest checkpoint in `workdir`, unmasked; also written to eval_results.json."""
+@contextlib.contextmanager
+def restored(config, workdir: str):
+    """(run, experiment, state, test-split evaluator) of the latest checkpoint in `workdir`; closes the run after."""
     checkpoints = checkpoint.checkpoints_directory(workdir)
     if not checkpoint.committed_steps(checkpoints):  # Before any writer or checkpointer thread exists.
         raise MissingInputError(f"No checkpoint in {checkpoints}; point --workdir at a CBM training run of this "
@@ -251,11 +253,16 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     try:
         experiment = Supervised(config, run.mesh, run.budget)
         state, _ = run.restore_or(experiment)
-        evaluator = ClassificationEvaluator("test", ml_collections.ConfigDict(), config, run.mesh,
-                                            make_eval_step(experiment.model, config))
-        test = {**evaluator.run(state), "step": int(state.step)}
+        yield run, experiment, state, ClassificationEvaluator("test", ml_collections.ConfigDict(), config, run.mesh,
+                                                              make_eval_step(experiment.model, config))
     finally:
         run.close()  # Also on errors: an open checkpointer at interpreter exit crashes in its threads.
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+    """Test accuracy and loss of the latest checkpoint in `workdir`, unmasked; also written to eval_results.json."""
+    with restored(config, workdir) as (_, _, state, evaluator):
+        test = {**evaluator.run(state), "step": int(state.step)}
     logging.info("checkpoint at step %d: test accuracy %.4f, loss %.4f on %d images", test["step"],
                  test["test_accuracy"], test["test_loss"], test["test_examples"])
     metrics.write_json(workdir, "eval_results.json", test)
