@@ -1,14 +1,15 @@
 """CL-MAE against MAE over seeds, at equal epochs and at equal compute, every protocol (issue 21, part 2).
 
     python bench/clmae_sweep.py --out=runs/sweep --evals=knn,linear,fewshot,finetune   # what is missing
-    python bench/clmae_sweep.py --table                                                # the table from the JSON
+    python bench/clmae_sweep.py --table                                                # the tables from the JSON
 
 Arms: MAE, CL-MAE (official recipe), CL-MAE `:adversarial`, all for --epochs on Fashion-MNIST at one base lr, and MAE
 given the compute CL-MAE took (its epochs = --epochs x CL-MAE / MAE pretraining CPU seconds, mean over the seeds and
 CL-MAE arms that have both; CPU seconds, not wall, so a run sharing the machine with other work still measures its own
 cost). Every pretraining and protocol runs as a user runs it (`main.py`, through bench/compare_encoders.py's commands)
 in --out/<arm>_s<seed>/, so a rerun resumes a stopped run and skips finished ones; each result goes into --json as
-soon as it exists. The table gives mean ± sample std over the seeds done (n per cell).
+soon as it exists. The table gives mean ± sample std over the seeds done (n per cell); a second one gives each arm's
+difference from MAE's (at --epochs) and whether it exceeds the seed spread.
 """
 import math
 import os
@@ -96,6 +97,32 @@ def table(sweep: dict) -> str:
     return sweeps.markdown(summary(sweep))
 
 
+def differences(sweep: dict, reference: str = "mae") -> str:
+    """Markdown: every other arm's mean minus the reference arm's per evaluation column, `± its standard error`
+    (sqrt(s_a^2 / n_a + s_ref^2 / n_ref), where both arms have 2+ seeds), in bold where the difference exceeds two
+    standard errors, i.e. the seed spread."""
+    rows = summary(sweep)
+    if reference not in rows:
+        return f"(no {reference} runs to compare with)"
+    evaluation = [label for p in compare_encoders.PROTOCOLS for _, label, _ in compare_encoders.COLUMNS[p]]
+    labels = [label for label in evaluation if any(label in cells for cells in rows.values())]
+    lines = [f"| arm − {reference} | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for arm, cells in rows.items():
+        if arm == reference:
+            continue
+        text = []
+        for label in labels:
+            if label not in cells or label not in rows[reference]:
+                text.append("-")
+                continue
+            (mean, std, n), (ref_mean, ref_std, ref_n) = cells[label], rows[reference][label]
+            error = math.sqrt(std ** 2 / n + ref_std ** 2 / ref_n)  # NaN when either arm has one seed.
+            cell = f"{mean - ref_mean:+.2f}" + ("" if math.isnan(error) else f" ± {error:.2f}")
+            text.append(f"**{cell}**" if abs(mean - ref_mean) > 2 * error else cell)
+        lines.append(f"| {arm} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
 def main(argv):
     """Runs the missing pretrainings and protocols, recording each; prints the table."""
     del argv
@@ -126,6 +153,7 @@ def main(argv):
                     sweeps.write(path, sweep)
                     print(f"{name} {protocol} done", flush=True)
     print(table(sweep))
+    print(differences(sweep))
 
 
 if __name__ == "__main__":  # Flags only as a script (tests import the tables); --out, --evals: compare_encoders'.

@@ -54,6 +54,20 @@ def test_clmae_sweep_table_gives_mean_and_sample_std_over_seeds_and_the_equal_co
         clmae_sweep.equal_compute_epochs(sweep)
 
 
+def test_clmae_sweep_differences_give_the_standard_error_and_bold_only_what_exceeds_two_of_them():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import clmae_sweep
+    run = lambda knn, linear: {"results": {"knn_acc1": knn, "linear_acc1": linear}, "epochs": 5}
+    sweep = {"runs": {"mae_s0": run(80.0, 70.0), "mae_s1": run(82.0, 72.0),
+                      "clmae_s0": run(84.0, 70.0), "clmae_s1": run(86.0, 74.0), "clmae_adversarial_s0": run(79.0, 71.0)}}
+    table = clmae_sweep.differences(sweep)
+    # kNN: +4 against sqrt(2/2 + 2/2) = 1.41 (over two errors); linear: +1 against sqrt(8/2 + 2/2) = 2.24 (under).
+    assert "| clmae | **+4.00 ± 1.41** | +1.00 ± 2.24 |" in table
+    assert "| clmae_adversarial | -2.00 | +0.00 |" in table  # One seed: no error, never bold.
+    assert "| mae |" not in table and "kNN acc@NN" not in table  # Only columns some arm has.
+    assert "no mae runs" in clmae_sweep.differences({"runs": {"clmae_s0": run(84.0, 70.0)}})
+
+
 def test_cbm_sweep_table_gives_accuracy_in_percent_and_the_gap_to_the_baseline_mean():
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import cbm_sweep
