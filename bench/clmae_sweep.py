@@ -124,7 +124,7 @@ def differences(sweep: dict, reference: str = "mae") -> str:
 
 
 def main(argv):
-    """Runs the missing pretrainings and protocols, recording each; prints the table."""
+    """Runs the missing pretrainings and protocols, recording each; prints the tables."""
     del argv
     path = flags.FLAGS.json
     sweep = sweeps.read(path)
