@@ -8,16 +8,17 @@ and measures the share of the garment's ink (the pixel sum; the background is 0)
 the images. Also: cells per image that hold no ink and cells that salience gives zero weight. Table to stdout, JSON to
 --out.
 """
-import json
 import os
 import sys
 
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import sweeps  # noqa: E402
 
 from cbm_jax import train_supervised as cbm  # noqa: E402
 from cbm_jax.masking import num_masked_patches, patch_mask, sample_patches  # noqa: E402
@@ -65,9 +66,7 @@ def main(argv):
     for k, hidden in result["hidden"].items():
         print(f"| {k} | {hidden['salience']:.1f} | {hidden['uniform']:.1f} | "
               f"{hidden['salience'] / hidden['uniform']:.2f} |")
-    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(result, f, indent=2)
+    sweeps.write(FLAGS.out, result)
 
 
 if __name__ == "__main__":  # Flags only as a script (tests import the functions).
