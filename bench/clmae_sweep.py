@@ -40,9 +40,14 @@ ARMS = {  # name -> pretraining config
 
 def equal_compute_epochs(sweep: dict) -> int:
     """MAE's epochs x (CL-MAE / MAE pretraining CPU seconds, mean over the seeds and CL-MAE arms with both), rounded
-    up. Both CL-MAE arms run the same program (only the module's learning-rate schedule differs), so either one
-    measures CL-MAE's cost."""
+    up; once a mae_equal_compute run has its epochs, every later seed gets the same. Both CL-MAE arms run the same
+    program (only the module's learning-rate schedule differs), so either one measures CL-MAE's cost."""
     runs = sweep["runs"]
+    # One budget per arm: later CL-MAE runs (other seeds, or pinned to a core, which costs fewer CPU seconds) would
+    # otherwise move the ratio and give the arm's seeds different epochs.
+    budgets = [r["epochs"] for r in sweeps.arm_runs(sweep, "mae_equal_compute") if "epochs" in r]
+    if budgets:
+        return budgets[0]
     seeds = {name.rsplit("_s", 1)[1] for name in runs}
     ratios = [runs[f"{arm}_s{s}"]["pretrain_cpu_seconds"] / runs[f"mae_s{s}"]["pretrain_cpu_seconds"]
               for s in seeds for arm in ("clmae", "clmae_adversarial")

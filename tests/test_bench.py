@@ -49,7 +49,9 @@ def test_clmae_sweep_table_gives_mean_and_sample_std_over_seeds_and_the_equal_co
     del sweep["runs"]["clmae_s0"], sweep["runs"]["clmae_s1"]
     sweep["runs"]["clmae_adversarial_s0"] = run(79.0, 300.0)  # The same program: its cost counts as CL-MAE's.
     assert clmae_sweep.equal_compute_epochs(sweep) == 25
-    del sweep["runs"]["clmae_adversarial_s0"]
+    sweep["runs"]["mae_equal_compute_s0"] = {**run(84.0, 400.0), "epochs": 23}
+    assert clmae_sweep.equal_compute_epochs(sweep) == 23  # The arm's budget is set: seeds 1-2 get seed 0's epochs.
+    del sweep["runs"]["clmae_adversarial_s0"], sweep["runs"]["mae_equal_compute_s0"]
     with pytest.raises(SystemExit, match="needs mae and a CL-MAE arm of one seed"):
         clmae_sweep.equal_compute_epochs(sweep)
 
