@@ -2,13 +2,14 @@
 
     python bench/cbm_sweep.py --lanes=2      # what is missing, two runs at a time, each on its own core
     python bench/cbm_sweep.py --table        # the table from the JSON
+    python bench/cbm_sweep.py --table --json=J --epochs=5,10,30   # a long sweep's per-epoch table, some epochs
 
 Arms (configs/cbm_fashion_mnist.py variants): the baseline (never masked), CBM (salience, linear repeat "40": 1, 2,
 3, 4, 6 of 16 cells), random (uniform cells, same curriculum) and CBM light (salience, 1, 1, 2, 3, 4 cells). Every
 run goes through `main.py` as a user runs it, in --out/<arm>_s<seed>/, so a rerun resumes a stopped run and skips
 finished ones; each result lands in --json when its run ends. The table gives the final and best test accuracy (%),
 mean ± sample std over the seeds done (n per cell), and each arm's final accuracy minus the baseline's mean; a
-second table gives each arm's test accuracy after every epoch, mean over its seeds.
+second table gives each arm's test accuracy after every epoch (or the --epochs named), mean over its seeds.
 """
 import concurrent.futures
 import os
@@ -81,13 +82,14 @@ def table(sweep: dict) -> str:
     return sweeps.markdown(summary(sweep))
 
 
-def curves(sweep: dict) -> str:
-    """Markdown: each arm's test accuracy (%) after every epoch, mean over its seeds."""
+def curves(sweep: dict, epochs: list[int] = ()) -> str:
+    """Markdown: each arm's test accuracy (%) after the given epochs (1-based; all when empty), mean over its seeds."""
     rows = {arm: np.mean([r["test_accuracy_by_epoch"] for r in sweeps.arm_runs(sweep, arm)], axis=0) * 100
             for arm in ARMS if sweeps.arm_runs(sweep, arm)}
-    epochs = max((len(row) for row in rows.values()), default=0)
-    lines = ["| arm | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " |", "|---|" + "---|" * epochs]
-    return "\n".join(lines + [f"| {arm} | " + " | ".join(f"{a:.2f}" for a in row) + " |" for arm, row in rows.items()])
+    epochs = list(epochs) or list(range(1, max((len(row) for row in rows.values()), default=0) + 1))
+    lines = ["| arm | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|---|" + "---|" * len(epochs)]
+    return "\n".join(lines + [f"| {arm} | " + " | ".join(f"{row[e - 1]:.2f}" if e <= len(row) else "-" for e in epochs)
+                               + " |" for arm, row in rows.items()])
 
 
 def main(argv):
@@ -120,7 +122,7 @@ def main(argv):
         if failed:
             sys.exit("error: " + "; ".join(failed))
     print(table(sweep))
-    print(curves(sweep))
+    print(curves(sweep, [int(e) for e in flags.FLAGS.epochs]))
 
 
 if __name__ == "__main__":  # Flags only as a script (tests import the tables).
@@ -130,5 +132,6 @@ if __name__ == "__main__":  # Flags only as a script (tests import the tables).
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
     flags.DEFINE_integer("lanes", 1, "Runs at a time; with more than one, each is pinned to a core of its own.")
     flags.DEFINE_bool("table", False, "Only print the table of what --json holds.")
+    flags.DEFINE_list("epochs", [], "Epochs (1-based) in the per-epoch table; all when empty (e.g. 5,10,30 at 30).")
     flags.DEFINE_multi_string("override", [], "--config.KEY=VALUE for every run (e.g. a shorter test).")
     app.run(main)

@@ -83,6 +83,8 @@ def test_cbm_sweep_table_gives_accuracy_in_percent_and_the_gap_to_the_baseline_m
     table = cbm_sweep.table(sweep)
     assert "| cbm | 91.50 (1) | 93.00 (1) | 10.00 (1) | -1.00 (1) |" in table
     assert "| baseline | 94.00 | 92.50 |" in cbm_sweep.curves(sweep)  # Per epoch, mean over seeds.
+    chosen = cbm_sweep.curves(sweep, [2, 3])  # Only the epochs asked for; '-' past an arm's last epoch.
+    assert "| arm | epoch 2 | epoch 3 |" in chosen and "| baseline | 92.50 | - |" in chosen
     del sweep["runs"]["baseline_s0"], sweep["runs"]["baseline_s1"]
     assert "final - baseline" not in cbm_sweep.summary(sweep)["cbm"]  # No baseline yet: no gap.
 
