@@ -133,5 +133,7 @@ if __name__ == "__main__":  # Flags only as a script (tests import the tables).
     flags.DEFINE_integer("lanes", 1, "Runs at a time; with more than one, each is pinned to a core of its own.")
     flags.DEFINE_bool("table", False, "Only print the table of what --json holds.")
     flags.DEFINE_list("epochs", [], "Epochs (1-based) in the per-epoch table; all when empty (e.g. 5,10,30 at 30).")
+    flags.register_validator("epochs", lambda epochs: all(e.isdigit() and int(e) > 0 for e in epochs),
+                             "--epochs takes epoch numbers from 1, e.g. --epochs=5,10,30.")
     flags.DEFINE_multi_string("override", [], "--config.KEY=VALUE for every run (e.g. a shorter test).")
     app.run(main)

@@ -104,6 +104,9 @@ def test_cbm_sweep_runs_two_arms_at_once_records_both_and_skips_them_on_a_rerun(
     assert again.returncode == 0 and "done" not in again.stdout, again.stderr[-3000:]
     bad = subprocess.run(cmd + ["--arms=cbm,mixup"], env=cpu_env(), capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and "unknown arm(s) mixup" in bad.stderr
+    bad_epochs = subprocess.run(cmd + ["--table", "--epochs=5,x"], env=cpu_env(), capture_output=True, text=True,
+                                cwd=ROOT)
+    assert bad_epochs.returncode == 1 and "--epochs takes epoch numbers from 1" in bad_epochs.stderr
 
 
 def test_cbm_hidden_measures_the_share_of_ink_under_the_masked_cells():
