@@ -8,8 +8,9 @@ Arms (configs/cbm_fashion_mnist.py variants): the baseline (never masked), CBM (
 3, 4, 6 of 16 cells), random (uniform cells, same curriculum) and CBM light (salience, 1, 1, 2, 3, 4 cells). Every
 run goes through `main.py` as a user runs it, in --out/<arm>_s<seed>/, so a rerun resumes a stopped run and skips
 finished ones; each result lands in --json when its run ends. The table gives the final and best test accuracy (%),
-mean ± sample std over the seeds done (n per cell), and each arm's final accuracy minus the baseline's mean; a
-second table gives each arm's test accuracy after every epoch (or the --epochs named), mean over its seeds.
+mean ± sample std over the seeds done (n per cell), and each arm's final accuracy minus the baseline's mean; the
+next tables give each arm's test accuracy after every epoch (or the --epochs named), then its training accuracy and loss
+averaged over each epoch's logged batches, means over its seeds.
 """
 import concurrent.futures
 import os
@@ -33,6 +34,8 @@ ARMS = {"baseline": ":baseline", "cbm": "", "random": ":random", "cbm_light": ":
 # Width 8 (a quarter of width 16's FLOPs): a 10-epoch run takes ~19 min on one core here, so 4 arms x 3 seeds fit in
 # about two hours on 2 cores.
 RECIPE = ("--config.model.width=8",)
+# Training accuracy and loss are on the batches as trained: masked ones in the masked arms.
+TRAIN_TAGS = ("train_accuracy", "loss")
 
 
 def command(arm: str, seed: int, workdir: str) -> list[str]:
@@ -55,9 +58,19 @@ def train(arm: str, seed: int, cores: queue.Queue) -> dict:
         cores.put(core)
     if code:
         raise RuntimeError(f"{arm} seed {seed} failed (exit {code}); see {workdir}/sweep_log.txt")
-    by_epoch = [accuracy for _, accuracy in sorted(metrics.read_scalars(workdir, "test_accuracy").items())]
-    return {**sweeps.read(os.path.join(workdir, "results.json")), "test_accuracy_by_epoch": by_epoch,
-            "seconds": time.time() - start}
+    return {**sweeps.read(os.path.join(workdir, "results.json")), **by_epoch(workdir), "seconds": time.time() - start}
+
+
+def by_epoch(workdir: str) -> dict:
+    """A run's test accuracy after each epoch, and its training accuracy and loss averaged over each epoch's logs."""
+    test = metrics.read_scalars(workdir, "test_accuracy")
+    ends = sorted(test)  # Each epoch ends with a test evaluation.
+    out = {"test_accuracy_by_epoch": [test[step] for step in ends]}
+    for tag in TRAIN_TAGS:
+        logged = metrics.read_scalars(workdir, tag)
+        out[f"{tag}_by_epoch"] = [float(np.mean([v for step, v in logged.items() if start < step <= end]))
+                                  for start, end in zip([0] + ends[:-1], ends)]
+    return out
 
 
 def summary(sweep: dict) -> dict:
@@ -82,13 +95,15 @@ def table(sweep: dict) -> str:
     return sweeps.markdown(summary(sweep))
 
 
-def curves(sweep: dict, epochs: list[int] = ()) -> str:
-    """Markdown: each arm's test accuracy (%) after the given epochs (1-based; all when empty), mean over its seeds."""
-    rows = {arm: np.mean([r["test_accuracy_by_epoch"] for r in sweeps.arm_runs(sweep, arm)], axis=0) * 100
+def curves(sweep: dict, epochs: list[int] = (), key: str = "test_accuracy_by_epoch", scale: float = 100,
+           digits: int = 2) -> str:
+    """Markdown: each arm's `key` (test accuracy in % by default) at the given epochs (1-based; all when empty), mean
+    over its seeds."""
+    rows = {arm: np.mean([r[key] for r in sweeps.arm_runs(sweep, arm)], axis=0) * scale
             for arm in ARMS if sweeps.arm_runs(sweep, arm)}
     epochs = list(epochs) or list(range(1, max((len(row) for row in rows.values()), default=0) + 1))
     lines = ["| arm | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|---|" + "---|" * len(epochs)]
-    return "\n".join(lines + [f"| {arm} | " + " | ".join(f"{row[e - 1]:.2f}" if e <= len(row) else "-" for e in epochs)
+    return "\n".join(lines + [f"| {arm} | " + " | ".join(f"{row[e - 1]:.{digits}f}" if e <= len(row) else "-" for e in epochs)
                                + " |" for arm, row in rows.items()])
 
 
@@ -106,6 +121,11 @@ def main(argv):
         cores = queue.Queue()
         for core in sorted(os.sched_getaffinity(0))[:flags.FLAGS.lanes]:
             cores.put(core)
+        for name, run in sweep["runs"].items():  # Runs recorded before the training columns existed get them.
+            workdir = os.path.join(flags.FLAGS.out, name)
+            if "loss_by_epoch" not in run and os.path.isdir(workdir):
+                run.update(by_epoch(workdir))
+                sweeps.write(path, sweep)
         jobs = [(arm, int(seed)) for seed in flags.FLAGS.seeds for arm in flags.FLAGS.arms
                 if f"{arm}_s{seed}" not in sweep["runs"]]
         with concurrent.futures.ThreadPoolExecutor(flags.FLAGS.lanes) as pool:
@@ -122,7 +142,12 @@ def main(argv):
         if failed:
             sys.exit("error: " + "; ".join(failed))
     print(table(sweep))
-    print(curves(sweep, [int(e) for e in flags.FLAGS.epochs]))
+    epochs = [int(e) for e in flags.FLAGS.epochs]
+    print(curves(sweep, epochs))
+    if all("loss_by_epoch" in run for run in sweep["runs"].values()):
+        print("\nTraining accuracy (%) and loss, each epoch's logged batches:")
+        print(curves(sweep, epochs, "train_accuracy_by_epoch"))
+        print(curves(sweep, epochs, "loss_by_epoch", scale=1, digits=3))
 
 
 if __name__ == "__main__":  # Flags only as a script (tests import the tables).

@@ -85,6 +85,9 @@ def test_cbm_sweep_table_gives_accuracy_in_percent_and_the_gap_to_the_baseline_m
     assert "| baseline | 94.00 | 92.50 |" in cbm_sweep.curves(sweep)  # Per epoch, mean over seeds.
     chosen = cbm_sweep.curves(sweep, [2, 3])  # Only the epochs asked for; '-' past an arm's last epoch.
     assert "| arm | epoch 2 | epoch 3 |" in chosen and "| baseline | 92.50 | - |" in chosen
+    for r in sweep["runs"].values():
+        r["loss_by_epoch"] = [0.5, 0.0125]
+    assert "| cbm | 0.500 | 0.013 |" in cbm_sweep.curves(sweep, key="loss_by_epoch", scale=1, digits=3)
     del sweep["runs"]["baseline_s0"], sweep["runs"]["baseline_s1"]
     assert "final - baseline" not in cbm_sweep.summary(sweep)["cbm"]  # No baseline yet: no gap.
 
@@ -99,9 +102,15 @@ def test_cbm_sweep_runs_two_arms_at_once_records_both_and_skips_them_on_a_rerun(
     runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
     assert sorted(runs) == ["baseline_s0", "cbm_s0"] and {r["step"] for r in runs.values()} == {3}
     assert [len(r["test_accuracy_by_epoch"]) for r in runs.values()] == [1, 1]
-    assert "| cbm |" in first.stdout and "final - baseline" in first.stdout
+    assert all(0 <= r["train_accuracy_by_epoch"][0] <= 1 and r["loss_by_epoch"][0] > 0 for r in runs.values())
+    assert "| cbm |" in first.stdout and "final - baseline" in first.stdout and "Training accuracy" in first.stdout
+    recorded = json.loads((tmp_path / "sweep.json").read_text())
+    del recorded["runs"]["cbm_s0"]["loss_by_epoch"]  # As in a JSON from before the training columns.
+    (tmp_path / "sweep.json").write_text(json.dumps(recorded))
     again = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and "done" not in again.stdout, again.stderr[-3000:]
+    assert json.loads((tmp_path / "sweep.json").read_text())["runs"]["cbm_s0"]["loss_by_epoch"] == runs["cbm_s0"][
+        "loss_by_epoch"]  # Read back from the run's folder.
     bad = subprocess.run(cmd + ["--arms=cbm,mixup"], env=cpu_env(), capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and "unknown arm(s) mixup" in bad.stderr
     bad_epochs = subprocess.run(cmd + ["--table", "--epochs=5,x"], env=cpu_env(), capture_output=True, text=True,
