@@ -97,14 +97,14 @@ def table(sweep: dict) -> str:
 
 def curves(sweep: dict, epochs: list[int] = (), key: str = "test_accuracy_by_epoch", scale: float = 100,
            digits: int = 2) -> str:
-    """Markdown: each arm's `key` (test accuracy in % by default) at the given epochs (1-based; all when empty), mean
-    over its seeds."""
+    """Markdown: each arm's seed mean of `key` (test accuracy in % by default) at the epochs given (all if none)."""
     rows = {arm: np.mean([r[key] for r in sweeps.arm_runs(sweep, arm)], axis=0) * scale
             for arm in ARMS if sweeps.arm_runs(sweep, arm)}
     epochs = list(epochs) or list(range(1, max((len(row) for row in rows.values()), default=0) + 1))
     lines = ["| arm | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|---|" + "---|" * len(epochs)]
-    return "\n".join(lines + [f"| {arm} | " + " | ".join(f"{row[e - 1]:.{digits}f}" if e <= len(row) else "-" for e in epochs)
-                               + " |" for arm, row in rows.items()])
+    cell = lambda row, e: f"{row[e - 1]:.{digits}f}" if e <= len(row) else "-"
+    return "\n".join(lines + [f"| {arm} | " + " | ".join(cell(row, e) for e in epochs) + " |"
+                               for arm, row in rows.items()])
 
 
 def main(argv):
@@ -121,11 +121,12 @@ def main(argv):
         cores = queue.Queue()
         for core in sorted(os.sched_getaffinity(0))[:flags.FLAGS.lanes]:
             cores.put(core)
-        for name, run in sweep["runs"].items():  # Runs recorded before the training columns existed get them.
-            workdir = os.path.join(flags.FLAGS.out, name)
-            if "loss_by_epoch" not in run and os.path.isdir(workdir):
-                run.update(by_epoch(workdir))
-                sweeps.write(path, sweep)
+        older = [name for name, run in sweep["runs"].items()  # Recorded before the training columns existed.
+                 if "loss_by_epoch" not in run and os.path.isdir(os.path.join(flags.FLAGS.out, name))]
+        for name in older:
+            sweep["runs"][name].update(by_epoch(os.path.join(flags.FLAGS.out, name)))
+        if older:
+            sweeps.write(path, sweep)
         jobs = [(arm, int(seed)) for seed in flags.FLAGS.seeds for arm in flags.FLAGS.arms
                 if f"{arm}_s{seed}" not in sweep["runs"]]
         with concurrent.futures.ThreadPoolExecutor(flags.FLAGS.lanes) as pool:
