@@ -63,12 +63,11 @@ def train(arm: str, seed: int, cores: queue.Queue) -> dict:
 
 def by_epoch(workdir: str) -> dict:
     """A run's test accuracy after each epoch, and its training accuracy and loss averaged over each epoch's logs."""
-    test = metrics.read_scalars(workdir, "test_accuracy")
-    ends = sorted(test)  # Each epoch ends with a test evaluation.
-    out = {"test_accuracy_by_epoch": [test[step] for step in ends]}
+    series = metrics.read_tags(workdir, ("test_accuracy", *TRAIN_TAGS))
+    ends = sorted(series["test_accuracy"])  # Each epoch ends with a test evaluation.
+    out = {"test_accuracy_by_epoch": [series["test_accuracy"][step] for step in ends]}
     for tag in TRAIN_TAGS:
-        logged = metrics.read_scalars(workdir, tag)
-        out[f"{tag}_by_epoch"] = [float(np.mean([v for step, v in logged.items() if start < step <= end]))
+        out[f"{tag}_by_epoch"] = [float(np.mean([v for step, v in series[tag].items() if start < step <= end]))
                                   for start, end in zip([0] + ends[:-1], ends)]
     return out
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.charts import line_chart  # noqa: E402
-from clmae_jax.runtime.metrics import read_scalars  # noqa: E402
+from clmae_jax.runtime.metrics import read_tags  # noqa: E402
 
 flags.DEFINE_string("json", "", "Where to write the table as JSON (optional).")
 flags.DEFINE_string("plot", "", "Where to write the PNG of difficulty and saturation (optional).")
@@ -28,7 +28,7 @@ TAGS = ("lambda_cl", "mae_loss_learned_mask", "mae_loss_random_mask", "difficult
 
 def stage_table(workdir: str, config: dict) -> list[dict]:
     """One row per lambda_CL stage: step range, mean of every tag, and the weighted objective terms."""
-    series = {tag: read_scalars(workdir, tag) for tag in TAGS}
+    series = read_tags(workdir, TAGS)
     steps = sorted(series["lambda_cl"])
     weights = {"loss_curriculum": None, "loss_gaussian": config["lambda_gaussian"], "loss_kl": config["lambda_kl"],
                "loss_diversity": config["lambda_diversity"]}
@@ -46,7 +46,8 @@ def stage_table(workdir: str, config: dict) -> list[dict]:
 
 def plot(workdir: str, rows: list, path: str):
     """Two panels: difficulty (learned / random mask loss) and lambda_CL against step; saturation per stage."""
-    difficulty, lam = read_scalars(workdir, "difficulty"), read_scalars(workdir, "lambda_cl")
+    series = read_tags(workdir, ("difficulty", "lambda_cl"))
+    difficulty, lam = series["difficulty"], series["lambda_cl"]
     steps = sorted(difficulty)
     top = line_chart(os.path.basename(workdir.rstrip("/")) + ": > 1 = harder than a random mask", {
         "difficulty": (steps, [difficulty[s] for s in steps]),

@@ -1,7 +1,18 @@
-"""Image grids: layout, clipping, and the enlargement of small images."""
+"""Image grids: layout, clipping, and the enlargement of small images; reading logged scalars back."""
 import numpy as np
 
-from clmae_jax.runtime.metrics import image_grid
+from clmae_jax.runtime.metrics import create_writer, image_grid, read_scalars, read_tags
+
+
+def test_several_scalars_read_back_in_one_pass_as_written(tmp_path):
+    writer = create_writer(str(tmp_path))
+    for step in (1, 2, 3):
+        writer.write_scalars(step, {"loss": 2.0 ** -step, "accuracy": 0.25 * step})
+    writer.write_scalars(3, {"test_accuracy": 0.5})
+    writer.flush()
+    read = read_tags(str(tmp_path), ("loss", "test_accuracy", "never_logged"))
+    assert read == {"loss": {1: 0.5, 2: 0.25, 3: 0.125}, "test_accuracy": {3: 0.5}, "never_logged": {}}
+    assert read_scalars(str(tmp_path), "accuracy") == {1: 0.25, 2: 0.5, 3: 0.75}
 
 
 def test_small_images_are_enlarged_by_an_integer_factor_and_tiled_row_per_sample():

@@ -103,12 +103,17 @@ def upsample_cells(values, size: int) -> np.ndarray:
 
 def read_scalars(workdir: str, tag: str) -> dict:
     """{step: value} of a scalar that the TensorBoard writer wrote in `workdir`."""
+    return read_tags(workdir, (tag,))[tag]
+
+
+def read_tags(workdir: str, tags) -> dict:
+    """{tag: {step: value}} of several scalars, in one pass over the run's TensorBoard event files."""
     import tensorflow as tf  # Only readers of finished runs need it.
-    values = {}
+    values = {tag: {} for tag in tags}
     for name in sorted(os.listdir(workdir)):
         if name.startswith("events.out.tfevents"):
             for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
                 for v in event.summary.value:
-                    if v.tag == tag:
-                        values[event.step] = float(tf.make_ndarray(v.tensor))
+                    if v.tag in values:
+                        values[v.tag][event.step] = float(tf.make_ndarray(v.tensor))
     return values
