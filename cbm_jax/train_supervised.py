@@ -7,7 +7,6 @@ always matches the augmented image (the official code precomputes it once per im
 which is the same thing when `config.input.augment="none"`, the paper configs' setting).
 """
 import contextlib
-import os
 
 import flax
 import jax
@@ -27,7 +26,7 @@ from cbm_jax.models.wide_resnet import WRN_52_2, WideResNet
 from cbm_jax.salience import patch_salience
 from cbm_jax.schedules import masking_schedule
 from clmae_jax.models.vit import ViTClassifier, vit_size
-from clmae_jax.runtime import checkpoint, data, loop, metrics, optim
+from clmae_jax.runtime import checkpoint, data, loop, metrics, optim, paths
 from clmae_jax.runtime.experiment import Experiment
 from clmae_jax.runtime.errors import MissingInputError, UserError
 from clmae_jax.runtime.state import TrainState, tree_size
@@ -49,7 +48,8 @@ def build_classifier(config, num_classes: int) -> flax.linen.Module:
     if m.name == "vit":
         return ViTClassifier(num_classes, patch_size=m.patch_size, **vit_size(m.size), pool=m.pool, dtype=dtype,
                              drop_path=m.get("drop_path", 0.0), head_init_std=m.get("head_init_std", 0.02),
-                             pos_embed=m.get("pos_embed", "sincos"))
+                             pos_embed=m.get("pos_embed", "sincos"), attention=m.get("attention", "einsum"),
+                             remat=m.get("remat", False))
     raise UserError(f"Unknown config.model.name {m.name!r}; use one of {', '.join(MODELS)}.")
 
 
@@ -57,7 +57,7 @@ def init_variables(model, config, num_classes: int) -> dict:
     """{'params', 'batch_stats'?}: random, or with the pretrained weights config.model.init_from names."""
     path, name = config.model.get("init_from"), config.model.name
     if path and name == "cvt13":
-        if not os.path.exists(path):
+        if not paths.exists(path):
             raise MissingInputError(f"CvT weights {path} not found; download CvT-13-224x224-IN-1k.pth (microsoft/CvT "
                                     "model zoo) and set config.model.init_from to it, or '' to train from scratch.")
         from cbm_jax.interop.cvt_torch import load_cvt_torch_checkpoint

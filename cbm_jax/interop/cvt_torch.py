@@ -9,6 +9,7 @@ Two key layouts are understood, told apart by their keys:
 Torch is imported only to read a .pth file: converting an already-loaded state dict of numpy arrays (or CPU
 tensors) needs numpy and jax alone.
 """
+import io
 import os
 import re
 from typing import Any, Mapping, Optional
@@ -20,6 +21,7 @@ from absl import logging
 from flax import traverse_util
 
 from cbm_jax.models.cvt import CVT_13, CvT, dense_init, head_bias_init
+from clmae_jax.runtime import paths
 from clmae_jax.runtime.errors import UserError
 
 # Hugging Face -> official names, applied in order: "attention.output.dense" must go before "output.dense".
@@ -47,7 +49,7 @@ def read_pth(path: str) -> dict:
     """A .pth state dict as {name: float32 or integer numpy array}; the only place torch is imported."""
     import torch  # pylint: disable=g-import-not-at-top  # Weight import only, never the runtime.
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = torch.load(io.BytesIO(paths.read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for unreadable or unsafe files; all mean the same to the user.
         raise UserError(f"{path} is not a PyTorch weights file holding only tensors ({type(e).__name__}); give the "
                         "CvT-13 .pth of the model zoo.") from e

@@ -10,8 +10,8 @@ Banks can be cached on disk per process (`save` / `load`) so a rerun skips the e
 """
 import dataclasses
 import functools
+import io
 import json
-import os
 import time
 
 import jax
@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clmae_jax.runtime import data, mesh as mesh_lib
+from clmae_jax.runtime import data, mesh as mesh_lib, paths
 
 FIELDS = ("features", "labels", "valid", "index")
 
@@ -142,7 +142,7 @@ def split_banks(mesh, input_config, source: data.Source, batch_size: int, featur
 
 def cache_paths(folder: str, name: str) -> tuple[str, str]:
     """(this process's .npz, the layout .json) of a cached bank."""
-    stem = os.path.join(folder, f"{name}.p{jax.process_index()}of{jax.process_count()}")
+    stem = paths.join(folder, f"{name}.p{jax.process_index()}of{jax.process_count()}")
     return stem + ".npz", stem + ".json"
 
 
@@ -153,27 +153,26 @@ def layout(mesh) -> dict:
 
 def save(bank: Bank, folder: str, name: str, mesh):
     """Writes this process's rows of `bank` (its devices' shards, in mesh order) to folder/name.p*.npz."""
-    os.makedirs(folder, exist_ok=True)
+    paths.makedirs(folder)
     npz, meta = cache_paths(folder, name)
     arrays = {k: np.stack([np.asarray(s.data) for s in sorted(getattr(bank, k).addressable_shards,
                                                                key=lambda s: s.index[0].start)]) for k in FIELDS}
-    np.savez(npz + ".tmp.npz", **arrays)
-    os.replace(npz + ".tmp.npz", npz)
-    with open(meta, "w") as f:
-        json.dump({**layout(mesh), "num_examples": bank.num_examples}, f)
+    content = io.BytesIO()
+    np.savez(content, **arrays)
+    paths.write_bytes(npz, content.getvalue())
+    paths.write_text(meta, json.dumps({**layout(mesh), "num_examples": bank.num_examples}))
 
 
 def load(folder: str, name: str, mesh) -> Bank | None:
     """The cached bank folder/name for this mesh, or None when there is none or its layout differs."""
     npz, meta = cache_paths(folder, name)
-    if not (os.path.exists(npz) and os.path.exists(meta)):
+    if not (paths.exists(npz) and paths.exists(meta)):
         return None
-    with open(meta) as f:
-        saved = json.load(f)
+    saved = json.loads(paths.read_text(meta))
     if {k: saved[k] for k in ("devices", "processes")} != layout(mesh):
         logging.warning("Cached features %s were written for another device layout; extracting again.", npz)
         return None
-    arrays = np.load(npz)
+    arrays = np.load(io.BytesIO(paths.read_bytes(npz)))
     sharding = row_sharding(mesh)
     local_devices = sorted(sharding.addressable_devices_indices_map(
         (arrays["labels"].size * jax.process_count(),)).items(), key=lambda kv: kv[1][0].start)

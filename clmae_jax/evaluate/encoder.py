@@ -82,9 +82,11 @@ class Encoder:
 
 
 def config_encoder(config, params, name: str, step: int = 0, dtype: str = "float32") -> Encoder:
-    """The encoder a pretraining config trains (its ViT size and normalisation) on `params` (arrays or shapes)."""
+    """The encoder a pretraining config trains (its ViT size, normalisation and attention) on `params` (arrays or
+    shapes)."""
     return Encoder(name=name, params=params, num_heads=vit_size(config.model.size)["num_heads"],
-                   mean=tuple(config.input.mean), std=tuple(config.input.std), step=step, dtype=dtype)
+                   mean=tuple(config.input.mean), std=tuple(config.input.std), step=step, dtype=dtype,
+                   attention=config.model.get("attention", "einsum"))
 
 
 def encoder_params(mae_params) -> dict:

@@ -5,7 +5,6 @@ folders (WORKDIR/checkpoints/<step>), "raw_pixels", or anything else `clmae_jax.
 (PyTorch .pth / .safetensors / Hugging Face folders). Only the encoder's leaves are read from disk: the decoder,
 CL-MAE's masking module and the optimizer state stay on disk.
 """
-import os
 
 import jax
 import numpy as np
@@ -16,6 +15,7 @@ from clmae_jax.models.geometry import Geometry, check_same_encoder, config_geome
 from clmae_jax.models.vit import vit_size
 from clmae_jax.runtime.checkpoint import (is_run_folder, params_metadata, read_train_config, resolve_step_folder,
                                           restore_params)
+from clmae_jax.runtime import paths
 from clmae_jax.runtime.errors import MissingInputError, UserError
 
 ENCODER_KEYS = ("patch_embed", "cls_token", "encoder")
@@ -55,7 +55,7 @@ def foreign_encoder(path: str, geometry: dict, params) -> Encoder:
 
 def load_foreign_encoder(path: str) -> Encoder:
     """A PyTorch / Hugging Face encoder through clmae_jax.interop."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise MissingInputError(f"config.encoder.checkpoint={path} does not exist.")
     return foreign_encoder(path, *load_pretrained(path))
 

@@ -5,7 +5,6 @@ PROTOCOLS maps each type to `run_<type>(eval_config, features, prefix, resume) -
 cache it on disk. The "eval" experiment and the evaluators inside pretraining both run protocols through it.
 """
 import dataclasses
-import os
 from typing import Callable
 
 import jax
@@ -14,7 +13,7 @@ from absl import logging
 
 from clmae_jax.evaluate import bank as bank_lib, fewshot, knn, linear
 from clmae_jax.evaluate.encoder import Encoder, feature_pool
-from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib
+from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib, paths
 from clmae_jax.runtime.errors import UserError
 
 DEFAULT_POOL = {"knn": "gap_norm", "linear": "cls"}  # The official choices (see encoder.py).
@@ -151,7 +150,7 @@ def run_linear(eval_config, features: FeatureSets, prefix: str = "linear", resum
                         "lower config.evals.<linear>.batch_size.")
     checkpointer = None
     if resume.workdir and eval_config.get("checkpoint", True):
-        checkpointer = checkpoint.Checkpointer(os.path.join(resume.workdir, prefix), keep=1)
+        checkpointer = checkpoint.Checkpointer(paths.join(resume.workdir, prefix), keep=1)
     state = linear.train_head(head, eval_config, test.features.shape[1], steps_per_epoch, batches, featurize,
                               features.params, checkpointer, name=prefix)
     result = linear.probe_accuracy(head, state, test)

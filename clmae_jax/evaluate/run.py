@@ -6,14 +6,13 @@ protocol config and encoder) are in results.json are skipped, few-shot seeds alr
 probe continues from its last epoch checkpoint, and extracted features are reused from WORKDIR/features.
 """
 import json
-import os
 
 import jax
 from absl import logging
 
 from clmae_jax.evaluate import protocols
 from clmae_jax.evaluate.load import load_encoder
-from clmae_jax.runtime import mesh as mesh_lib, metrics
+from clmae_jax.runtime import mesh as mesh_lib, metrics, paths
 
 RESULTS = "results.json"
 
@@ -27,11 +26,8 @@ def entries(evals) -> list:
 
 def read_results(workdir: str) -> dict:
     """results.json of an earlier run in `workdir`, or {}."""
-    path = os.path.join(workdir, RESULTS)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    path = paths.join(workdir, RESULTS)
+    return json.loads(paths.read_text(path)) if paths.exists(path) else {}
 
 
 def format_table(rows: dict) -> str:
@@ -48,7 +44,7 @@ def evaluate_encoder(config, workdir: str) -> dict:
     params = jax.device_put(encoder.params, mesh_lib.replicated(mesh)) if encoder.params is not None else None
     todo = [(name, protocols.protocol_type(name, c), c) for name, c in entries(config.evals)]
     pools = set().union(*[protocols.pools_needed(kind, c) for _, kind, c in todo])
-    cache_dir = os.path.join(workdir, "features") if config.get("cache_features_on_disk", True) else ""
+    cache_dir = paths.join(workdir, "features") if config.get("cache_features_on_disk", True) else ""
     features = protocols.FeatureSets(mesh, config.input, encoder, params, pools, config.batch_size,
                                      config.get("knn_chunk", 4096), cache_dir)
     previous = read_results(workdir)

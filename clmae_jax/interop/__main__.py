@@ -12,6 +12,7 @@
         anything else -> hf.
 """
 import argparse
+import io
 import json
 
 import jax
@@ -21,6 +22,7 @@ from clmae_jax.interop.classifier_torch import load_torch_weights, save_classifi
 from clmae_jax.interop.mae_torch import save_fbmae, save_hf
 from clmae_jax.models.geometry import Geometry, params_geometry
 from clmae_jax.models.vit import vit_size
+from clmae_jax.runtime import paths
 from clmae_jax.runtime.checkpoint import is_run_folder, read_run
 from clmae_jax.runtime.errors import UserError
 
@@ -43,7 +45,9 @@ def save_npz(params, geometry: Geometry, path: str):
     """Our tree flattened to "a/b/c" keys, plus the geometry as JSON."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     arrays = {"/".join(k.key for k in keys): np.asarray(leaf) for keys, leaf in flat}
-    np.savez(path, __geometry__=json.dumps(dict(geometry)), **arrays)
+    content = io.BytesIO()
+    np.savez(content, __geometry__=json.dumps(dict(geometry)), **arrays)
+    paths.write_bytes(path, content.getvalue())
 
 
 def output_format(path: str, given: str) -> str:

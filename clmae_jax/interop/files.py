@@ -1,6 +1,7 @@
 """PyTorch weight files: .pth/.bin (fb/mae's {"model": state dict} or bare), .safetensors and Hugging Face
 folders read into numpy state dicts in fb/mae names (plus the hints their metadata and configs give), and written."""
 import argparse
+import io
 import json
 import os
 
@@ -8,6 +9,7 @@ import numpy as np
 
 from clmae_jax.interop.hf import hf_to_fbmae, hints_from_hf_config, is_hf_state_dict, preprocessor_config
 from clmae_jax.models.geometry import Geometry
+from clmae_jax.runtime import paths
 from clmae_jax.runtime.errors import MissingInputError, UserError
 
 
@@ -24,10 +26,7 @@ def to_numpy(value) -> np.ndarray:
 
 def read_json(path: str) -> dict:
     """A JSON file's content, {} when there is none."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(path)) if paths.exists(path) else {}
 
 
 def read_torch_file(path: str) -> tuple:
@@ -36,7 +35,7 @@ def read_torch_file(path: str) -> tuple:
     # Official training checkpoints pickle an argparse.Namespace under "args"; that class is harmless to allow.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
+            content = torch.load(io.BytesIO(paths.read_bytes(path)), map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for unreadable files; all mean the same to the user.
             raise UserError(f"{path} is not a readable PyTorch weights file ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}).") from e
@@ -49,23 +48,23 @@ def read_torch_file(path: str) -> tuple:
 
 def read_safetensors(path: str) -> dict:
     """A .safetensors file as a state dict of numpy arrays."""
-    from safetensors.numpy import load_file
-    return load_file(path)
+    from safetensors.numpy import load
+    return load(paths.read_bytes(path))
 
 
 def read_file(path: str) -> tuple:
     """(state dict of numpy arrays, hints) from a .pth/.bin/.safetensors file or a Hugging Face folder."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    if os.path.isdir(path):
-        names = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, n))]
+    folder = path if paths.isdir(path) else os.path.dirname(path)
+    if paths.isdir(path):
+        names = [n for n in ("model.safetensors", "pytorch_model.bin") if paths.exists(paths.join(path, n))]
         if not names:
             raise MissingInputError(f"{path} is a folder without model.safetensors or pytorch_model.bin.")
-        path = os.path.join(path, names[0])
+        path = paths.join(path, names[0])
     state_dict, hints = (read_safetensors(path), {}) if path.endswith(".safetensors") else read_torch_file(path)
-    config = read_json(os.path.join(folder, "config.json"))
+    config = read_json(paths.join(folder, "config.json"))
     if config.get("model_type") in ("vit_mae", "vit"):
         hints = {**hints, **hints_from_hf_config(config, path)}
-    processor = read_json(os.path.join(folder, "preprocessor_config.json"))
+    processor = read_json(paths.join(folder, "preprocessor_config.json"))
     if "image_mean" in processor:
         hints = {**hints, "mean": tuple(processor["image_mean"]), "std": tuple(processor["image_std"])}
     return {k: to_numpy(v) for k, v in state_dict.items()}, hints
@@ -73,7 +72,7 @@ def read_file(path: str) -> tuple:
 
 def read_state_dict(path: str) -> tuple:
     """(state dict in fb/mae names, hints) of any PyTorch file or Hugging Face folder the importers read."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise MissingInputError(f"{path} does not exist.")
     state_dict, hints = read_file(path)
     return (hf_to_fbmae(state_dict, path) if is_hf_state_dict(state_dict) else state_dict), hints
@@ -81,23 +80,34 @@ def read_state_dict(path: str) -> tuple:
 
 def write_pth(state_dict: dict, geometry: Geometry, path: str):
     """Writes a numpy state dict as fb/mae saves it, {"model": state dict}, with our geometry under "clmae_jax"."""
+    paths.makedirs(os.path.dirname(paths.absolute(path)))
+    paths.write_bytes(path, torch_bytes({"model": as_tensors(state_dict), METADATA_KEY: dict(geometry)}))
+
+
+def as_tensors(state_dict: dict) -> dict:
+    """A numpy state dict as torch tensors."""
     import torch
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in state_dict.items()}, METADATA_KEY: dict(geometry)}, path)
+    return {k: torch.from_numpy(v) for k, v in state_dict.items()}
+
+
+def torch_bytes(content) -> bytes:
+    """What torch.save writes for `content`."""
+    import torch
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    return buffer.getvalue()
 
 
 def write_hf_folder(state_dict: dict, config: dict, geometry: Geometry, folder: str):
     """Writes a Hugging Face folder: config.json, preprocessor_config.json (the normalisation) and the weights."""
-    os.makedirs(folder, exist_ok=True)
+    paths.makedirs(folder)
     for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor_config(geometry))):
-        with open(os.path.join(folder, name), "w") as f:
-            json.dump(content, f, indent=2)
+        paths.write_text(paths.join(folder, name), json.dumps(content, indent=2))
     try:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
     except ImportError:  # transformers also reads the older pickle format.
-        import torch
-        torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, os.path.join(folder, "pytorch_model.bin"))
+        paths.write_bytes(paths.join(folder, "pytorch_model.bin"), torch_bytes(as_tensors(state_dict)))
         return
     # transformers refuses safetensors files whose metadata does not name their framework.
-    save_file(state_dict, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    paths.write_bytes(paths.join(folder, "model.safetensors"), save(state_dict, metadata={"format": "pt"}))
 

@@ -11,7 +11,7 @@ Readers of finished runs (evaluation, warm starts, export) find a run's step fol
 parameters here too, so "committed step" has one definition.
 """
 import json
-import os
+import posixpath
 import re
 import zlib
 
@@ -21,6 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from clmae_jax.runtime import paths
 from clmae_jax.runtime.errors import MissingInputError, UserError
 
 MANIFEST = "checksums.json"
@@ -35,33 +36,26 @@ class CheckpointError(RuntimeError):
 def file_digests(folder: str) -> dict:
     """{relative path: [size, crc32]} of every file under `folder` except the manifest."""
     digests = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder)
-            if rel.startswith(MANIFEST):  # The manifest and a temporary one a crash left behind.
-                continue
-            crc = 0
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    crc = zlib.crc32(chunk, crc)
-            digests[rel] = [os.path.getsize(path), crc]
+    for rel in paths.files_under(folder):
+        if rel.startswith(MANIFEST):  # The manifest and a temporary one a crash left behind.
+            continue
+        crc = size = 0
+        with paths.open_file(paths.join(folder, rel)) as f:
+            while chunk := f.read(CHUNK):
+                crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+        digests[rel] = [size, crc]
     return digests
 
 
 def write_manifest(folder: str):
     """Writes `folder`/checksums.json atomically (a crash leaves the old state: no manifest)."""
-    digests, tmp = file_digests(folder), os.path.join(folder, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(digests, f)
-    os.replace(tmp, os.path.join(folder, MANIFEST))
+    paths.write_text(paths.join(folder, MANIFEST), json.dumps(file_digests(folder)))
 
 
 def read_manifest(path: str):
     """{relative path: [size, crc32]} of a manifest; None when it is not one (garbled, cut short)."""
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = json.loads(paths.read_text(path))
     except (OSError, ValueError):
         return None
     valid = isinstance(manifest, dict) and all(isinstance(v, list) and len(v) == 2 for v in manifest.values())
@@ -70,20 +64,21 @@ def read_manifest(path: str):
 
 def integrity_problem(folder: str) -> str | None:
     """Why the step folder is not a complete, intact checkpoint; None when it is (or has no manifest to check)."""
-    if not os.path.exists(os.path.join(folder, COMMIT_MARKER)):
+    if not paths.exists(paths.join(folder, COMMIT_MARKER)):
         return f"uncommitted (no {COMMIT_MARKER})"
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.exists(path):
+    path = paths.join(folder, MANIFEST)
+    if not paths.exists(path):
         return None  # Killed between orbax's commit and the manifest: restore reads it, then writes the manifest.
     expected = read_manifest(path)
     if expected is None:
         return f"garbled {MANIFEST}"
     for rel, (size, _) in sorted(expected.items()):  # Sizes first: cheap, and names truncation as such.
-        file = os.path.join(folder, rel)
-        if not os.path.exists(file):
+        file = paths.join(folder, rel)
+        if not paths.exists(file):
             return f"missing {rel}"
-        if os.path.getsize(file) != size:
-            return f"truncated {rel}" if os.path.getsize(file) < size else f"resized {rel}"
+        actual_size = paths.size(file)
+        if actual_size != size:
+            return f"truncated {rel}" if actual_size < size else f"resized {rel}"
     actual = file_digests(folder)
     bad = [rel for rel, digest in sorted(expected.items()) if actual[rel] != digest]
     return f"checksum mismatch in {bad[0]}" if bad else None
@@ -122,27 +117,27 @@ def io_reason(error: BaseException) -> str:
 
 def checkpoints_directory(workdir: str) -> str:
     """Where a run's step folders live: WORKDIR/checkpoints."""
-    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+    return paths.absolute(paths.join(workdir, "checkpoints"))
 
 
 def committed_steps(checkpoints_dir: str) -> list:
     """Steps under WORKDIR/checkpoints that orbax finalized and marked committed, oldest first."""
-    if not os.path.isdir(checkpoints_dir):
+    if not paths.isdir(checkpoints_dir):
         return []
     steps = ocp.utils.checkpoint_steps(checkpoints_dir)
-    return sorted(s for s in steps if os.path.exists(os.path.join(checkpoints_dir, str(s), COMMIT_MARKER)))
+    return sorted(s for s in steps if paths.exists(paths.join(checkpoints_dir, str(s), COMMIT_MARKER)))
 
 
 def is_run_folder(path: str) -> bool:
     """True for our own run folders (a workdir with checkpoints/, or a step folder with state/)."""
-    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "state"))
+    return paths.isdir(paths.join(path, "checkpoints")) or paths.isdir(paths.join(path, "state"))
 
 
 def resolve_step_folder(path: str, step: int = -1) -> tuple[str, str, int]:
     """(workdir, step folder, step) for a workdir (newest committed step, or `step` when >= 0) or a step folder."""
-    path = os.path.abspath(path.rstrip("/"))
-    if os.path.isdir(os.path.join(path, "state")):  # A step folder: WORKDIR/checkpoints/<step>.
-        return os.path.dirname(os.path.dirname(path)), path, int(os.path.basename(path))
+    path = paths.absolute(path)
+    if paths.isdir(paths.join(path, "state")):  # A step folder: WORKDIR/checkpoints/<step>.
+        return posixpath.dirname(posixpath.dirname(path)), path, int(posixpath.basename(path))
     steps = committed_steps(checkpoints_directory(path))
     if not steps:
         raise MissingInputError(f"No committed checkpoint under {path}/checkpoints; point the path at a workdir "
@@ -150,30 +145,28 @@ def resolve_step_folder(path: str, step: int = -1) -> tuple[str, str, int]:
     if step >= 0 and step not in steps:
         raise MissingInputError(f"{path} has no checkpoint of step {step} (it has {steps}); choose one of those.")
     chosen = step if step >= 0 else steps[-1]
-    return path, os.path.join(path, "checkpoints", str(chosen)), chosen
+    return path, paths.join(path, "checkpoints", str(chosen)), chosen
 
 
 def read_train_config(workdir: str, step_folder: str) -> ml_collections.ConfigDict:
     """The training config of a checkpoint: saved in it (metadata/metadata), or for checkpoints written before
     that, the WORKDIR/config.json of its run."""
     try:
-        with open(os.path.join(step_folder, "metadata", "metadata")) as f:
-            saved = json.load(f).get("config")
+        saved = json.loads(paths.read_text(paths.join(step_folder, "metadata", "metadata"))).get("config")
     except (OSError, ValueError):
         saved = None
     if saved:
         return ml_collections.ConfigDict(saved)
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "config.json")
+    if not paths.exists(path):
         raise MissingInputError(f"{path} not found: the checkpoint's model (ViT size) is unknown; the run's workdir "
                                 "must hold the config.json main.py writes.")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
 
 
 def params_metadata(step_folder: str) -> dict:
     """The tree of parameter metadata (shapes, dtypes) of one of our checkpoints; nothing is read but metadata."""
-    tree = ocp.PyTreeCheckpointer().metadata(os.path.join(step_folder, "state"))
+    tree = ocp.PyTreeCheckpointer().metadata(paths.join(step_folder, "state"))
     tree = getattr(tree, "item_metadata", tree)
     return getattr(tree, "tree", tree)["params"]
 
@@ -185,7 +178,7 @@ def restore_params(step_folder: str, wanted: dict | None = None) -> dict:
     item = jax.tree.map(lambda m: np.zeros((), m.dtype), wanted)  # Leaf types only; shapes come from the files.
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
     args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-    return ocp.PyTreeCheckpointer().restore(os.path.join(step_folder, "state"), args=args)["params"]
+    return ocp.PyTreeCheckpointer().restore(paths.join(step_folder, "state"), args=args)["params"]
 
 
 def read_run(path: str, step: int = -1) -> tuple:
@@ -200,7 +193,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int = 3):
         self.directory = checkpoints_directory(workdir)
-        self.corrupt_directory = os.path.abspath(os.path.join(workdir, "checkpoints_corrupt"))
+        self.corrupt_directory = paths.absolute(paths.join(workdir, "checkpoints_corrupt"))
         # cleanup_tmp_directories: temporary folders of saves a crash interrupted are never complete checkpoints.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()}
@@ -209,7 +202,7 @@ class Checkpointer:
 
     def step_folder(self, step: int) -> str:
         """Where orbax keeps `step`."""
-        return os.path.join(self.directory, str(step))
+        return paths.join(self.directory, str(step))
 
     def latest_step(self):
         """The newest committed step folder, or None (restore falls back if it does not read back)."""
@@ -289,7 +282,7 @@ class Checkpointer:
 
     def add_missing_manifest(self, step: int):
         """Checksums a step that restored but has none (a run killed between orbax's commit and the manifest)."""
-        if jax.process_index() == 0 and not os.path.exists(os.path.join(self.step_folder(step), MANIFEST)):
+        if jax.process_index() == 0 and not paths.exists(paths.join(self.step_folder(step), MANIFEST)):
             write_manifest(self.step_folder(step))
             logging.info("Wrote the missing %s of checkpoint step %d", MANIFEST, step)
 
@@ -300,12 +293,12 @@ class Checkpointer:
     def set_aside(self, failed):
         """Moves unusable step folders to checkpoints_corrupt/<step>-<reason> (process 0; the others wait)."""
         if failed and jax.process_index() == 0:
-            os.makedirs(self.corrupt_directory, exist_ok=True)
+            paths.makedirs(self.corrupt_directory)
             for step, reason in failed:
-                target = os.path.join(self.corrupt_directory, f"{step}-{reason.split()[0].strip('()')}")
-                while os.path.exists(target):
+                target = paths.join(self.corrupt_directory, f"{step}-{reason.split()[0].strip('()')}")
+                while paths.exists(target):
                     target += "+"
-                os.rename(self.step_folder(step), target)
+                paths.rename(self.step_folder(step), target)
                 logging.warning("Checkpoint step %d cannot be restored: %s; moved it to %s", step, reason, target)
         if failed and jax.process_count() > 1:
             ocp.multihost.sync_global_processes("clmae_checkpoint_set_aside")

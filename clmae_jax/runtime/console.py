@@ -1,6 +1,7 @@
 """What a run prints and what it keeps: the console shows progress, metrics, warnings and at most one `error:`
 line; everything logged, library tracebacks and what native code (XLA, gloo, TensorFlow) writes to stderr included,
-goes to WORKDIR/main.log (main.<process>.log on processes other than 0).
+goes to WORKDIR/main.log (main.<process>.log on processes other than 0). With a remote workdir (gs://) the log
+stays on each host's local disk, in the folder `paths.host_log_dir` names (e.g. /tmp/clmae_jax_logs/gs/BUCKET/RUN).
 
 Records are held in memory until `keep_in(workdir)`, which main.py calls once the resume check passed: a refused
 resume leaves the workdir as it was.
@@ -11,6 +12,8 @@ import sys
 
 import jax
 from absl import logging as absl_logging
+
+from clmae_jax.runtime import paths
 
 # Libraries whose INFO lines would drown the training log (orbax logs every file it writes).
 QUIET_LIBRARIES = ("/orbax/", "/jax/_src/")
@@ -39,9 +42,9 @@ def hold() -> logging.handlers.MemoryHandler:
 
 
 def log_path(workdir: str) -> str:
-    """This process's log file in the workdir."""
+    """This process's log file: in the workdir, or on this host's disk for a remote workdir."""
     index = jax.process_index()
-    return os.path.join(workdir, "main.log" if index == 0 else f"main.{index}.log")
+    return os.path.join(paths.host_log_dir(workdir), "main.log" if index == 0 else f"main.{index}.log")
 
 
 def keep_in(workdir: str, buffer: logging.handlers.MemoryHandler) -> str:
@@ -49,6 +52,7 @@ def keep_in(workdir: str, buffer: logging.handlers.MemoryHandler) -> str:
     path = log_path(workdir)
     if buffer.target is not None:  # Kept already.
         return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(levelname).1s%(asctime)s %(process)d %(filename)s:%(lineno)d] "
                                            "%(message)s"))

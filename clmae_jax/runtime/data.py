@@ -21,6 +21,7 @@ with epy.lazy_imports():  # TensorFlow loads with the first pipeline: update ste
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
+from clmae_jax.runtime import paths
 from clmae_jax.runtime.errors import MissingInputError, UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -49,9 +50,8 @@ def _process_range(num_examples: int) -> tuple[int, int]:
 
 def _read_idx(path: str) -> np.ndarray:
     """Reads a (gzipped) IDX file of unsigned bytes, the MNIST file format."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    data = paths.read_bytes(path)
+    data = gzip.decompress(data) if path.endswith(".gz") else data
     if data[:2] != b"\x00\x00" or data[2] != 0x08:
         raise UserError(f"{path} is not an unsigned-byte IDX file; reinstall dataset-fashion-mnist.")
     ndim = data[3]
@@ -65,14 +65,14 @@ def fashion_mnist_idx(split: str, data_dir: str | None) -> Source:
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise UserError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}; fix config.input splits.")
-    paths = [os.path.join(data_dir, f"{prefix}-{kind}-idx{n}-ubyte") for kind, n in (("images", 3), ("labels", 1))]
-    paths = [p if os.path.exists(p) else p + ".gz" for p in paths]
-    missing = [p for p in paths if not os.path.exists(p)]
+    files = [paths.join(data_dir, f"{prefix}-{kind}-idx{n}-ubyte") for kind, n in (("images", 3), ("labels", 1))]
+    files = [f if paths.exists(f) else f + ".gz" for f in files]
+    missing = [f for f in files if not paths.exists(f)]
     if missing:
         raise MissingInputError(
             f"Fashion-MNIST IDX file {missing[0]} not found; install it with `apt-get install dataset-fashion-mnist` "
             f"or point config.input.data_dir at a folder with the IDX files.")
-    images, labels = _read_idx(paths[0]), _read_idx(paths[1])
+    images, labels = _read_idx(files[0]), _read_idx(files[1])
     start, stop = _process_range(len(labels))
     dataset = tf.data.Dataset.from_tensor_slices(
         {"image": images[start:stop, :, :, None], "label": labels[start:stop].astype(np.int32)})
@@ -85,7 +85,7 @@ def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
         builder = tfds.builder(name, data_dir=data_dir or None)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise UserError(f"Unknown tfds dataset {name!r}; fix config.input.name.") from e
-    if not tf.io.gfile.exists(builder.data_dir):
+    if not paths.exists(builder.data_dir):
         raise MissingInputError(
             f"tfds dataset {name!r} is not prepared in {builder.data_dir}; run `tfds build {name} "
             f"--data_dir=DIR` (ImageNet needs its manual download) and set config.input.data_dir=DIR.")
@@ -104,7 +104,7 @@ IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM
 def not_an_image(path: str) -> str | None:
     """Why `path` is not an image by its first bytes ("empty", "not an image"), or None: a cheap check that keeps
     text files and failed downloads named .jpg out of the stream without decoding every image."""
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with paths.open_file(path) as f:
         head = f.read(8)
     if not head:
         return "empty"
@@ -115,16 +115,16 @@ def list_images(root: str, classes: list) -> tuple[list, list, dict]:
     """(files, labels, skipped) under root/<class>/**; skipped maps each left-out file to the reason."""
     files, labels, skipped = [], [], {}
     for label, name in enumerate(classes):
-        # Recursive, so Tiny ImageNet's train/<wnid>/images/*.JPEG is read as it is unpacked.
-        for folder, _, names in sorted(tf.io.gfile.walk(os.path.join(root, name))):
-            for f in sorted(names):
-                path = os.path.join(folder, f)
-                reason = "not an image file name" if not f.lower().endswith(IMAGE_EXTENSIONS) else not_an_image(path)
-                if reason:
-                    skipped[path] = reason
-                else:
-                    files.append(path)
-                    labels.append(label)
+        # Recursive, so Tiny ImageNet's train/<wnid>/images/*.JPEG is read as it is unpacked; folder by folder.
+        class_folder = paths.join(root, name)
+        for rel in sorted(paths.files_under(class_folder), key=lambda rel: (os.path.dirname(rel), rel)):
+            path = paths.join(class_folder, rel)
+            reason = "not an image file name" if not rel.lower().endswith(IMAGE_EXTENSIONS) else not_an_image(path)
+            if reason:
+                skipped[path] = reason
+            else:
+                files.append(path)
+                labels.append(label)
     return files, labels, skipped
 
 
@@ -135,11 +135,11 @@ def image_folder(split: str, data_dir: str) -> Source:
     folder keeps its label, so every split numbers the classes alike. Every process lists and checks all files,
     so all agree on the split.
     """
-    root = os.path.join(data_dir or "", split)
-    if not tf.io.gfile.isdir(root):
+    root = paths.join(data_dir, split) if data_dir else split
+    if not paths.isdir(root):
         raise MissingInputError(f"Image folder {root} not found; set config.input.data_dir to a folder holding "
                                 f"{split}/<class>/<image> files.")
-    classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(os.path.join(root, d)))
+    classes = [d for d in paths.listdir(root) if paths.isdir(paths.join(root, d))]
     files, labels, skipped = list_images(root, classes)
     if not files:
         raise MissingInputError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/<class>/.")

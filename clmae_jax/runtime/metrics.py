@@ -1,11 +1,13 @@
 """Metric writers (TensorBoard + console), progress with steps/s and ETA, and image summaries as PNG files."""
+import io
 import json
-import os
 
 import jax
 import numpy as np
 from etils import epy
 from PIL import Image, ImageDraw, ImageFont
+
+from clmae_jax.runtime import paths
 
 with epy.lazy_imports():  # clu's writers import TensorFlow: loaded with the first writer, not with the library.
     from clu import metric_writers, periodic_actions
@@ -76,21 +78,19 @@ def write_images(writer, workdir: str, step: int, grids: dict):
     if jax.process_index() > 0:
         return
     writer.write_images(step, {k: v[None] for k, v in grids.items()})
-    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+    paths.makedirs(paths.join(workdir, "images"))
     for name, grid in grids.items():
         pixels = (grid * 255).round().astype(np.uint8)
-        pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
-        Image.fromarray(pixels).save(os.path.join(workdir, "images", f"{name}_{step:07d}.png"))
+        png = io.BytesIO()
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(png, format="PNG")
+        paths.write_bytes(paths.join(workdir, "images", f"{name}_{step:07d}.png"), png.getvalue())
 
 
 def write_json(workdir: str, name: str, tree: dict):
     """Writes workdir/name as indented JSON (process 0), through a temporary file so readers never see half of it."""
     if jax.process_index() > 0:
         return
-    path = os.path.join(workdir, name)
-    with open(path + ".tmp", "w") as f:
-        json.dump(tree, f, indent=2)
-    os.replace(path + ".tmp", path)
+    paths.write_text(paths.join(workdir, name), json.dumps(tree, indent=2))
 
 
 def upsample_cells(values, size: int) -> np.ndarray:
@@ -110,9 +110,9 @@ def read_tags(workdir: str, tags) -> dict:
     """{tag: {step: value}} of several scalars, in one pass over the run's TensorBoard event files."""
     import tensorflow as tf  # Only readers of finished runs need it.
     values = {tag: {} for tag in tags}
-    for name in sorted(os.listdir(workdir)):
+    for name in paths.listdir(workdir):
         if name.startswith("events.out.tfevents"):
-            for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+            for event in tf.compat.v1.train.summary_iterator(paths.join(workdir, name)):
                 for v in event.summary.value:
                     if v.tag in values:
                         values[v.tag][event.step] = float(tf.make_ndarray(v.tensor))

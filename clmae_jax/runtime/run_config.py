@@ -6,12 +6,11 @@ geometry, image size, experiment) is refused in one line listing every changed f
 seed, schedule, ...) go on after one warning line that lists them, and enter the history.
 """
 import json
-import os
 
 import jax
 from absl import logging
 
-from clmae_jax.runtime import checkpoint
+from clmae_jax.runtime import checkpoint, paths
 from clmae_jax.runtime.errors import UserError
 
 CONFIG_FILE, HISTORY_FILE = "config.json", "config_history.json"
@@ -59,8 +58,7 @@ def describe(changes: dict) -> str:
 def read(path: str):
     """A JSON file's content, None when absent or unreadable (a run killed while writing it)."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except (OSError, ValueError):
         return None
 
@@ -68,7 +66,7 @@ def read(path: str):
 def check_resume(config, workdir: str) -> dict:
     """The fields `config` changes against the run saved in `workdir` ({} for a new run); raises UserError when a
     checkpoint exists and a changed field changes the parameters. Writes nothing."""
-    saved = read(os.path.join(workdir, CONFIG_FILE))
+    saved = read(paths.join(workdir, CONFIG_FILE))
     if saved is None or not checkpoint.committed_steps(checkpoint.checkpoints_directory(workdir)):
         return {}
     current = as_dict(config)
@@ -87,9 +85,7 @@ def check_resume(config, workdir: str) -> dict:
 
 def write_json(path: str, content):
     """Writes JSON atomically: a crash leaves the old file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(path + ".tmp", path)
+    paths.write_text(path, json.dumps(content, indent=2))
 
 
 def record(config, workdir: str, start_step: int):
@@ -97,6 +93,6 @@ def record(config, workdir: str, start_step: int):
     this start retrains, are dropped). Process 0 only."""
     if jax.process_index() != 0:
         return
-    history = [e for e in read(os.path.join(workdir, HISTORY_FILE)) or [] if e["start_step"] < start_step]
-    write_json(os.path.join(workdir, HISTORY_FILE), [*history, {"start_step": start_step, "config": as_dict(config)}])
-    write_json(os.path.join(workdir, CONFIG_FILE), as_dict(config))
+    history = [e for e in read(paths.join(workdir, HISTORY_FILE)) or [] if e["start_step"] < start_step]
+    write_json(paths.join(workdir, HISTORY_FILE), [*history, {"start_step": start_step, "config": as_dict(config)}])
+    write_json(paths.join(workdir, CONFIG_FILE), as_dict(config))

@@ -5,13 +5,10 @@ stay where those are known; everything else is here, so a bad value fails in a s
 accepted names of a field come from the module that reads it: the runtime's and the models' below, an experiment's
 own (CL-MAE's curriculum, CBM's salience) from its module's OPTIONS, which main.py passes in.
 """
-import os
-import tempfile
-
 import jax
 
 from clmae_jax.models.vit import ATTENTION_IMPLEMENTATIONS, POSITION_EMBEDDINGS, vit_size
-from clmae_jax.runtime import data, loop, optim
+from clmae_jax.runtime import data, loop, optim, paths
 from clmae_jax.runtime.errors import UserError, check_tiling
 
 NAMES = {  # Field -> accepted values, as the module that reads the field defines them.
@@ -186,12 +183,24 @@ def check_heads(config):
 
 
 def check_workdir(workdir: str):
-    """The workdir exists or can be made, and takes files."""
+    """The workdir is a local folder or a gs:// URL, exists or can be made, and takes files."""
+    remote = paths.is_remote(workdir)
+    if remote and (not workdir.startswith("gs://") or not workdir[len("gs://"):].strip("/")):
+        raise UserError(f"--workdir={workdir} is neither a local folder nor a gs://BUCKET/PATH URL; remote workdirs "
+                        "live on Google Cloud Storage.")
+    if paths.exists(workdir) and not paths.isdir(workdir):
+        raise UserError(f"--workdir={workdir} is a file, not a folder; choose a folder (it is made if missing).")
+    probe = paths.join(workdir, ".write_probe")
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
-    except OSError as e:
+        paths.makedirs(workdir)
+        paths.write_bytes(probe, b"")
+        paths.remove(probe)
+    except Exception as e:  # TensorFlow's GCS client raises its own error types, and says more than an errno.
+        if remote:
+            raise UserError(f"--workdir={workdir} cannot be written ({' '.join(str(e).split())[:200]}); check the "
+                            "bucket's name and that this machine's credentials may write to it.") from e
+        if not isinstance(e, OSError):
+            raise
         raise UserError(f"--workdir={workdir} is not writable ({e.strerror}); choose a folder you can write to, "
                         "or fix its permissions.") from e
 
