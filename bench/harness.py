@@ -58,7 +58,7 @@ def compile_stats(jitted, *args, compiler_options=None) -> tuple[object, dict]:
     compiled = jitted.lower(*args).compile(compiler_options=compiler_options)
     seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # None for GPUs compiled without one.
     memory = compiled.memory_analysis()
     # Live at once on a device: inputs and outputs (donated inputs counted once) plus XLA's scratch.
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes

@@ -49,12 +49,13 @@ def random_masked_loss(model, config, params, images, rng):
 
 
 def build_masker(config) -> CurriculumMasker:
-    """The curriculum masking module at the MAE encoder's width, rematerialised as the MAE (config.model.remat).
-    Its attention stays einsum: its 4 heads are 192 to 320 wide, beyond cuDNN's fused kernel."""
+    """The curriculum masking module at the MAE encoder's width, with the MAE's attention and remat
+    (config.model); its 4 heads are 192 to 320 wide, so cuDNN's fused attention takes ViT-B's and ViT-L's only."""
+    m = config.model
     return CurriculumMasker(depth=config.clmae.masker_depth, num_heads=config.clmae.masker_heads,
                             temperature=config.clmae.get("masker_temperature", 1.0),
-                            logit_bound=config.clmae.get("masker_logit_bound", 0.0),
-                            dtype=jnp.dtype(config.model.dtype), remat=config.model.get("remat", False))
+                            logit_bound=config.clmae.get("masker_logit_bound", 0.0), dtype=jnp.dtype(m.dtype),
+                            attention=m.get("attention", "einsum"), remat=m.get("remat", False))
 
 
 class CLMAE:

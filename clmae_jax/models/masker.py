@@ -21,6 +21,7 @@ class CurriculumMasker(nn.Module):
     # unlike the MAE's 1e-6.
     norm_eps: float = 1e-5
     dtype: Any = jnp.float32
+    attention: str = "einsum"  # See vit.Attention.
     remat: bool = False  # See vit.Transformer.
     # Not official (1.0 and 0.0 are the official sigmoid): keep_prob = sigmoid(bound * tanh(logits / T / bound)).
     # Levers against saturation: T > 1 softens the sigmoid; a bound > 0 keeps every probability within
@@ -37,8 +38,8 @@ class CurriculumMasker(nn.Module):
         # Transformer's final LayerNorm is the head's LayerNorm: MaskingNet has no norm after its blocks, only
         # `mlp_head = LayerNorm -> Linear -> Sigmoid`, and LayerNorm acts per token, so normalising every token
         # and reading the CLS equals normalising the CLS alone.
-        blocks = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, remat=self.remat,
-                             name="blocks")
+        blocks = Transformer(self.depth, self.num_heads, self.mlp_ratio, self.norm_eps, self.dtype, self.attention,
+                             self.remat, name="blocks")
         x = blocks.norm(blocks(x))
         # The head runs in float32 so the probabilities (and the losses built on them) keep full precision.
         logits = nn.Dense(num_tokens, kernel_init=dense_init, dtype=jnp.float32, name="head")(

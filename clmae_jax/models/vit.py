@@ -82,6 +82,9 @@ class PatchEmbed(nn.Module):
 
 
 ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+# Widest head cuDNN's fused attention takes (Hopper and later; 128 before): wider ones (ViT-H's masking module,
+# 1280 / 4 heads = 320) run jax.nn.dot_product_attention's XLA implementation instead.
+CUDNN_MAX_HEAD_DIM = 256
 
 
 def einsum_attention(q, k, v):
@@ -98,11 +101,48 @@ def einsum_attention(q, k, v):
     return out.astype(q.dtype).swapaxes(1, 2)
 
 
+def padded_attention(q, k, v, implementation: str, multiple: int = 2):
+    """`jax.nn.dot_product_attention` over [B, L, H, D] with L padded up to a multiple of `multiple`: the padded
+    keys are masked out (key_value_seq_lengths), the padded query rows dropped, so the numbers are those of L.
+
+    cuDNN's fused kernel is refused for odd lengths once differentiated (jax 0.10: "Unsupported sequence length
+    Q 197, KV 197"), and the project's ViTs run 197 tokens (a 14 x 14 grid and the CLS token).
+    """
+    length = q.shape[1]
+    padded = -(-length // multiple) * multiple
+    if padded == length:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0)))
+    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    return out[:, :length]
+
+
+def compile_platform() -> str:
+    """The platform the program being traced compiles for: that of the mesh it is traced under (a GPU that is not
+    attached included, see bench/gpu.py), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
+def cudnn_attention(q, k, v):
+    """cuDNN's fused (flash) attention on an NVIDIA GPU, at any length, for heads up to CUDNN_MAX_HEAD_DIM wide
+    (XLA's attention beyond); anywhere else a one-line error naming the option."""
+    platform = compile_platform()
+    if platform != "gpu":
+        raise UserError(f"config.model.attention='cudnn' is cuDNN's fused attention for NVIDIA GPUs, but this "
+                        f"program compiles for {platform}; use 'einsum' or 'xla'.")
+    if q.shape[-1] > CUDNN_MAX_HEAD_DIM:
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    return padded_attention(q, k, v, "cudnn")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (timm layout).
 
     `implementation`: "einsum" (portable, the default and the fastest on CPU), or `jax.nn.dot_product_attention`
-    with "xla" or "cudnn" (fused flash attention on recent NVIDIA GPUs, bfloat16/float16 only).
+    with "xla" or "cudnn" (fused flash attention on NVIDIA GPUs, bfloat16/float16 only; see `cudnn_attention`).
     """
 
     num_heads: int
@@ -116,8 +156,10 @@ class Attention(nn.Module):
         q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.num_heads, width // self.num_heads), 2, 0)
         if self.implementation == "einsum":
             out = einsum_attention(q, k, v)
-        elif self.implementation in ATTENTION_IMPLEMENTATIONS:
-            out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        elif self.implementation == "cudnn":
+            out = cudnn_attention(q, k, v)
+        elif self.implementation == "xla":
+            out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
         else:
             raise UserError(f"Unknown config.model.attention {self.implementation!r}; use one of "
                             f"{ATTENTION_IMPLEMENTATIONS}.")
@@ -319,13 +361,15 @@ class ViTClassifier(nn.Module):
     drop_path: float = 0.0
     head_init_std: float = 0.02  # MAE fine-tuning: 2e-5.
     pos_embed: str = "sincos"
+    attention: str = "einsum"  # See Attention.
+    remat: bool = False  # See Transformer.
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         if self.pool not in POOLS:
             raise UserError(f"Unknown config.model.pool {self.pool!r}; use one of {', '.join(POOLS)}.")
         encoder = ViTEncoder(self.patch_size, self.width, self.depth, self.num_heads, self.mlp_ratio, self.dtype,
-                             drop_path=self.drop_path, deterministic=not train, pos_embed=self.pos_embed,
+                             self.attention, self.remat, drop_path=self.drop_path, deterministic=not train, pos_embed=self.pos_embed,
                              final_norm=self.pool != "gap_norm")
         nn.share_scope(self, encoder)
         fc_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")
