@@ -41,18 +41,19 @@ def compile_all(config, target: gpu.Gpu, gpus: int, only=(), num_classes: int = 
 
 
 def summarise(config, target: gpu.Gpu, per_gpu_batch: int, rows: dict, gpus: int) -> dict:
-    """One training iteration's figures: its programs' roofline bounds added up, images/s per GPU at that bound,
-    MFU at that bound (an upper bound), the peak memory."""
+    """One training iteration's figures: its programs' roofline bounds added up, images/s per GPU at that bound
+    (every accumulation step's images), MFU at that bound (an upper bound), the peak memory."""
     training = [rows[name] for name in bench_tpu.TRAINING if name in rows]
     seconds = sum(r["roofline_seconds"] for r in training)
-    model_flops = bench_tpu.analytic_flops(config) * per_gpu_batch
+    accum = config.get("grad_accum_steps", 1)
+    model_flops = bench_tpu.analytic_flops(config) * per_gpu_batch * accum
     hlo_flops = sum(r["hlo_flops_per_gpu"] for r in training)
     peak = max(r["peak_gib_per_gpu"] for r in training)
-    return {"iteration_roofline_seconds": seconds, "images_per_sec_per_gpu_bound": per_gpu_batch / seconds,
+    return {"iteration_roofline_seconds": seconds, "images_per_sec_per_gpu_bound": per_gpu_batch * accum / seconds,
             "mfu_bound": (model_flops or hlo_flops) / seconds / target.bf16_flops,
             "analytic_flops_per_gpu": model_flops, "hlo_flops_per_gpu": hlo_flops, "peak_gib_per_gpu": peak,
             "fits": all(r["fits"] for r in training), "gpus": gpus, "per_gpu_batch": per_gpu_batch,
-            "grad_accum_steps": config.get("grad_accum_steps", 1)}
+            "grad_accum_steps": accum}
 
 
 def print_table(target: gpu.Gpu, run: dict, rows: dict):
