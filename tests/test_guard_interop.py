@@ -3,8 +3,8 @@ written here in PyTorch's layouts (fb/mae and CL-MAE, Hugging Face ViTMAE, timm 
 and each imported linear layer (and patch projection) must compute what PyTorch computes with the same tensors.
 
 A round trip (ours -> PyTorch -> ours) cannot see a transpose missing on both ways, and a square layer (attn.proj,
-CvT's q/k/v projections) fits its shape either way round, so only the comparison with PyTorch's own arithmetic
-(y = x W^T + b) tells them apart; the Hugging Face / timm comparisons that also would skip without torch.
+CvT's q/k/v projections) fits its shape either way round: only a comparison with PyTorch's own arithmetic
+(y = x W^T + b) tells. The Hugging Face / timm comparisons make it too, but skip where torch is not installed.
 """
 import flax.linen as nn
 import jax
