@@ -162,3 +162,11 @@ def test_gpu_check_runs_every_row_on_cpu_without_tensorflow(tmp_path):
     assert rows["jax_mae_einsum"]["speedup_over"]["hf"] > 0 and rows["jax_clmae_einsum"]["speedup_over"] == {}
     assert all(r["images_per_sec"] > 0 and r["mfu_measured_peak"] > 0 for n, r in rows.items() if n != "hf")
     assert rows["jax_cbm_resnet18"]["batch"] == 8 and "| jax_cbm_resnet18 |" in proc.stdout
+
+
+@needs_plugin
+def test_cudnn_attention_in_float32_is_a_one_line_error_naming_the_dtype():
+    from bench import gpu
+    mesh = jax.sharding.Mesh(np.array(gpu.topology_devices(gpu.gpu("h100"))), ("data",))
+    with gpu.targeting(mesh), pytest.raises(UserError, match="config.model.dtype='bfloat16'"):
+        jax.eval_shape(vit.Attention(2, jnp.float32, "cudnn").init, jax.random.PRNGKey(0), jnp.zeros((1, 5, 16)))

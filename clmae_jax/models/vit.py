@@ -127,12 +127,15 @@ def compile_platform() -> str:
 
 
 def cudnn_attention(q, k, v):
-    """cuDNN's fused (flash) attention on an NVIDIA GPU, at any length, for heads up to CUDNN_MAX_HEAD_DIM wide
-    (XLA's attention beyond); anywhere else a one-line error naming the option."""
+    """cuDNN's fused (flash) attention on an NVIDIA GPU in bfloat16 / float16, at any length, for heads up to
+    CUDNN_MAX_HEAD_DIM wide (XLA's attention beyond); anywhere else, or in float32, a one-line error naming it."""
     platform = compile_platform()
     if platform != "gpu":
         raise UserError(f"config.model.attention='cudnn' is cuDNN's fused attention for NVIDIA GPUs, but this "
                         f"program compiles for {platform}; use 'einsum' or 'xla'.")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise UserError(f"config.model.attention='cudnn' computes in bfloat16 or float16, not {q.dtype}; set "
+                        "config.model.dtype='bfloat16' or use 'einsum' or 'xla'.")
     if q.shape[-1] > CUDNN_MAX_HEAD_DIM:
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
     return padded_attention(q, k, v, "cudnn")
