@@ -11,6 +11,7 @@ are within 5%. The micro-batch is the largest power of two under it (the paper
 batches are powers of two), the accumulation the global batch over GPUs x micro-batch. Times are roofline bounds.
 """
 import json
+import math
 import os
 import sys
 
@@ -41,6 +42,8 @@ def cell_config(experiment: str, size: str, remat: bool, batch: int):
     config = MODULES[experiment].get_config()
     config.model.update(size=size, patch_size=16, attention="cudnn", remat=remat)
     config.batch_size = batch
+    if "clmae" in config:  # CL-MAE's losses pair images within groups of 256 (one GPU's batch), or what divides it.
+        config.clmae.loss_group_size = math.gcd(batch, config.clmae.loss_group_size)
     return config
 
 
@@ -78,7 +81,7 @@ def largest_batch(experiment: str, size: str, remat: bool, target) -> dict:
     return {"experiment": experiment, "size": size, "remat": remat, "compiles": points,
             "gib_per_image": per_image, "gib_fixed": low["peak_gib"] - per_image * low["batch"],
             "largest_batch": batch, "peak_gib_at_largest": best["peak_gib"], "micro_batch": micro,
-            "paper_batch": paper, "accum_1_gpu": max(1, paper // micro),
+            "paper_batch": paper, "per_gpu_batch_1_gpu": min(micro, paper), "accum_1_gpu": max(1, paper // micro),
             "per_gpu_batch_8_gpus": min(micro, paper // 8), "accum_8_gpus": max(1, paper // (8 * micro)),
             "roofline_images_per_sec_at_largest": batch / best["roofline_seconds"],
             "mfu_bound_at_largest": best["mfu_bound"], "analytic_flops_per_image": analytic}
@@ -95,7 +98,7 @@ def print_table(cells: list, target):
         name = f"ViT-{c['size'][0].upper()}/16 {'CL-MAE' if c['experiment'] == 'clmae' else 'MAE'}"
         print(f"| {name} | {'yes' if c['remat'] else 'no'} | {c['gib_fixed']:.1f} + {c['gib_per_image']:.3f} | "
               f"{c['largest_batch']} ({c['peak_gib_at_largest']:.1f}) | {c['micro_batch']} | "
-              f"{c['paper_batch']} = {c['micro_batch']} x {c['accum_1_gpu']} / 8 x {c['per_gpu_batch_8_gpus']} x "
+              f"{c['paper_batch']} = {c['per_gpu_batch_1_gpu']} x {c['accum_1_gpu']} / 8 x {c['per_gpu_batch_8_gpus']} x "
               f"{c['accum_8_gpus']} | <= {c['roofline_images_per_sec_at_largest']:.0f} |")
 
 
