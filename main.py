@@ -25,8 +25,12 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "mae_fashion_mnist.py")
 config_flags.DEFINE_config_file("config", None, f"Experiment config file (configs/NAME.py[:variant]); default "
                                 f"{os.path.relpath(DEFAULT_CONFIG, ROOT)}.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and pictures go; a rerun resumes from it.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "Join a multi-process run: auto when JAX's cluster "
+                  "detection finds several processes (Cloud TPU VM slices, SLURM, Open MPI, Kubernetes) or "
+                  "--coordinator_address is given; on: always; off: never (a multi-process environment is then an "
+                  "error).")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs without a "
-                    "cluster environment (otherwise TPU pods and SLURM are detected).")
+                    "cluster environment.")
 flags.DEFINE_integer("num_processes", 0, "Number of processes with --coordinator_address.")
 flags.DEFINE_integer("process_id", -1, "This process's index with --coordinator_address.")
 flags.DEFINE_integer("peer_timeout_s", 120, "Seconds a process waits for a silent peer (not started, killed, host "
@@ -73,12 +77,12 @@ def run(config, workdir: str, buffer):
     # Keep TensorFlow (input pipeline only) off the accelerators JAX owns.
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
-    from clmae_jax.runtime import console, lock, mesh, peers, preemption, run_config, validate
+    from clmae_jax.runtime import console, distributed, lock, peers, preemption, run_config, validate
     from clmae_jax.runtime.checkpoint import CheckpointError
     from clmae_jax.runtime.errors import UserError
     try:
-        mesh.initialize_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                                    flags.FLAGS.process_id, flags.FLAGS.peer_timeout_s)
+        distributed.initialize(flags.FLAGS.distributed, flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                               flags.FLAGS.process_id, flags.FLAGS.peer_timeout_s)
         module, function = EXPERIMENTS[config.experiment]
         experiment = importlib.import_module(module)
         # Before anything is built: a bad value fails in a second.

@@ -1,13 +1,17 @@
 """Shared test set-up: the repo on sys.path, quiet TensorFlow, a persistent XLA cache, LLVM -O1, torchvision before
 TensorFlow; the one way to run main.py in a subprocess (Main, run_main, in cpu_env), to share a reference run across
-xdist workers (shared_dir) and to read a checkpoint (load_state)."""
+xdist workers (shared_dir), to read a checkpoint (load_state) and to reach a GCS emulator (gcs)."""
 import fcntl
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
+import uuid
 
 # One compilation cache for this pytest run, its xdist workers and every main.py they start (set before jax is
 # imported; subprocesses inherit it): the many short main.py runs of the same test configs compile once.
@@ -56,13 +60,13 @@ def cpu_env(devices: int = 1, optimization: int = LLVM_OPTIMIZATION) -> dict:
 class Main:
     """`python main.py` in a subprocess on `devices` fake CPU devices; its stderr (the log) collected as it comes."""
 
-    def __init__(self, workdir, config, *overrides, devices=1, file_limit=0, extra_flags=()):
-        env = cpu_env(devices)
+    def __init__(self, workdir, config, *overrides, devices=1, file_limit=0, extra_flags=(), env=None, cwd=ROOT):
+        env = {**cpu_env(devices), **(env or {})}
         cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={os.path.join(ROOT, 'configs', config)}",
                f"--workdir={workdir}", *overrides, *extra_flags]
         if file_limit:  # No file may grow past file_limit bytes: writes beyond fail (EFBIG), as on a full disk.
             cmd = [sys.executable, "-c", LIMITED, str(file_limit), *cmd]
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
         self.lines, self.printed = [], []
         self.readers = [threading.Thread(target=into.extend, args=(pipe,), daemon=True)
@@ -142,7 +146,8 @@ def scalars():
 def load_state(workdir, step) -> dict:
     """The whole train state of the checkpoint at `step` (params, optimizer state, step), as numpy, read without a
     template."""
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    from clmae_jax.runtime import paths
+    path = paths.join(workdir, "checkpoints", str(step), "state")
     checkpointer = ocp.StandardCheckpointer()
     metadata = checkpointer.metadata(path).item_metadata.tree
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -158,3 +163,32 @@ def load_params(workdir, step) -> dict:
 def assert_trees_close(a, b, atol):
     """Every leaf of `a` within `atol` of the same leaf of `b`."""
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol, rtol=0), a, b)
+
+
+BUCKET = "clmae-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory):
+    """The client environment of a GCS emulator on localhost (tests/gcs_emulator.py), one per test process."""
+    folder = tmp_path_factory.mktemp("gcs_emulator")
+    ready, log = folder / "environment.json", folder / "emulator.log"
+    with open(log, "w") as output:
+        server = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"),
+                                   f"--bucket={BUCKET}", f"--ready_file={ready}"], stdout=output, stderr=output)
+    deadline = time.time() + 60
+    while not ready.exists():
+        assert server.poll() is None and time.time() < deadline, f"no GCS emulator: {log.read_text()[-2000:]}"
+        time.sleep(0.1)
+    yield json.loads(ready.read_text())
+    server.kill()
+    server.wait()
+
+
+@pytest.fixture
+def gcs(gcs_emulator, monkeypatch, request) -> str:
+    """A new gs:// folder on the emulator for this test; this process (and every process it starts) reaches it."""
+    for name, value in gcs_emulator.items():
+        monkeypatch.setenv(name, value)
+    name = re.sub(r"[^\w-]", "_", request.node.name)
+    return f"gs://{BUCKET}/{name}-{uuid.uuid4().hex[:8]}"

@@ -1,6 +1,6 @@
 """A Google Cloud Storage emulator on localhost that every library a run uses on `gs://` paths reaches.
 
-    python tests/gcs_emulator.py --bucket=NAME --ready_file=PATH
+    python tests/gcs_emulator.py --bucket=NAME --ready_file=PATH    (GCS_EMULATOR_LOG=1: print each request line)
 
 Starts `gcp-storage-emulator` (in memory) and a TLS-terminating HTTP proxy in front of it, then writes to
 --ready_file the environment a client process needs (JSON) and serves until killed. Per library:
@@ -20,6 +20,8 @@ What the emulator (2026.7.19) does unlike GCS is mended here, in its process or 
   lock's atomic create relies on;
 - a request with both `Transfer-Encoding: chunked` and `Content-Length` (libcurl sends both on resumable uploads)
   is read by the length, against RFC 9112 6.3: the proxy drops the length;
+- it has no `storageLayout` of a bucket, which TensorFlow reads before it renames a folder: answered here (a flat
+  namespace, as a bucket has by default);
 - it never answers `Expect: 100-continue`, so libcurl waits a second before every upload body (8 s instead of
   0.5 s per orbax save): the proxy answers it.
 """
@@ -120,6 +122,8 @@ def serve_client(client, tls: ssl.SSLContext, upstream: tuple):
     if head is None:
         client.close()
         return
+    if os.environ.get("GCS_EMULATOR_LOG"):
+        print(head.split(b"\r\n")[0], flush=True)
     if b"\r\nexpect: 100-continue" in head.lower():
         client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
     emulator = socket.create_connection(upstream)
@@ -150,6 +154,14 @@ def object_of(request) -> tuple[str, str] | None:
     return (bucket, name) if name else None
 
 
+def storage_layout(request, response, storage, *args, **kwargs):
+    """GET .../b/BUCKET/storageLayout: a flat namespace (TensorFlow asks before it renames a folder)."""
+    del storage, args, kwargs
+    bucket = request.params["bucket_name"]
+    response.json({"kind": "storage#storageLayout", "bucket": bucket, "location": "US", "locationType": "multi-region",
+                   "hierarchicalNamespace": {"enabled": False}})
+
+
 def mend_emulator():
     """Zero-byte uploads and ifGenerationMatch preconditions, as GCS has them (see the module docstring)."""
     from gcp_storage_emulator import server
@@ -174,8 +186,10 @@ def mend_emulator():
             response["x-goog-metageneration"] = stored["metageneration"]
 
     objects.download = download_with_generation  # Media GETs of the JSON API reach it through objects.get.
-    server.HANDLERS = tuple((pattern, {m: download_with_generation if h is download else h for m, h in handlers.items()})
-                            for pattern, handlers in server.HANDLERS)
+    server.HANDLERS = (
+        (r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/storageLayout$", {"GET": storage_layout}),
+        *((pattern, {m: download_with_generation if h is download else h for m, h in handlers.items()})
+          for pattern, handlers in server.HANDLERS))
     handle = server.Router.handle
 
     def handle_with_preconditions(self, method):

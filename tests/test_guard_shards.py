@@ -185,8 +185,8 @@ def test_every_process_reads_its_own_contiguous_block_and_together_every_row_onc
             read[index] = streams(config, source, rows.rows_of, local_batch)
     # The blocks, in process order, are the split in its own order: each row once, each block contiguous.
     assert [r for block in blocks for r in block] == order, f"{sum(map(len, blocks))} rows for {len(order)}"
-    # As balanced as tfds.split_for_jax_process: the same block sizes (tfds gives the remainder to the first ones).
-    assert sorted(map(len, blocks)) == sorted(stop - start for start, stop in tfds_ranges(split, len(order), count))
+    # Cut as tfds.split_for_jax_process cuts the split: the same blocks (the remainder goes to the first processes).
+    assert [len(block) for block in blocks] == [stop - start for start, stop in tfds_ranges(split, len(order), count)]
     # Evaluation reads exactly its block, in order, in as many batches as every other process (collectives wait).
     per_process = math.ceil(len(order) / count)
     for index, got in read.items():

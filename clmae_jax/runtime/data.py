@@ -43,9 +43,12 @@ class Source:
 
 
 def _process_range(num_examples: int) -> tuple[int, int]:
-    """This process's contiguous [start, stop) slice of a split, as tfds.even_splits cuts it."""
-    bounds = np.linspace(0, num_examples, jax.process_count() + 1).round().astype(int)
-    return bounds[jax.process_index()], bounds[jax.process_index() + 1]
+    """This process's contiguous [start, stop) slice of a split, as tfds.split_for_jax_process cuts it (the first
+    num_examples % process_count processes take one example more)."""
+    size, extra = divmod(num_examples, jax.process_count())
+    index = jax.process_index()
+    start = index * size + min(index, extra)
+    return start, start + size + (index < extra)
 
 
 def _read_idx(path: str) -> np.ndarray:

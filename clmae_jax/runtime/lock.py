@@ -151,10 +151,15 @@ def acquire_local(workdir: str) -> WorkdirLock:
     return WorkdirLock(fd)
 
 
+def lock_store(workdir: str):
+    """The workdir as a tensorstore key-value store (its conditional writes carry the generation preconditions)."""
+    import tensorstore as ts
+    return ts.KvStore.open(paths.absolute(workdir) + "/").result()
+
+
 def acquire_lease(workdir: str) -> LeaseLock:
     """The lock object of a workdir on an object store (see the module doc)."""
-    import tensorstore as ts
-    store = ts.KvStore.open(paths.absolute(workdir) + "/").result()
+    store = lock_store(workdir)
     found = store.read(LOCK_FILE).result()
     previous = json.loads(found.value) if found.state == "value" else {}
     if previous and previous.get("expires", 0) > time.time() and not gone_here(previous):

@@ -1,37 +1,13 @@
 """Device mesh, shardings and global arrays: the one place that knows how devices are laid out."""
 import functools
-import os
 
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clmae_jax.runtime.errors import UserError
 
 DATA_AXIS, FSDP_AXIS = "data", "fsdp"
-
-
-def initialize_distributed(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
-                           peer_timeout_s: int = 120):
-    """Joins a multi-process run: explicit coordinator flags, or what the cluster environment describes.
-
-    With no flags, `jax.distributed.initialize()` auto-detects TPU pods and SLURM; a single process needs nothing.
-    `peer_timeout_s` bounds how long a process waits for a lost peer: that long for the others to start, and a peer
-    silent that long (killed, preempted, its host gone) ends every other process with an error naming it, instead
-    of a hang in the next collective.
-    """
-    if peer_timeout_s < 1:
-        raise UserError(f"--peer_timeout_s={peer_timeout_s} must be at least 1 second; the default is 120.")
-    timeouts = dict(initialization_timeout=peer_timeout_s, heartbeat_timeout_seconds=peer_timeout_s)
-    if coordinator_address:
-        # CPU processes exchange collectives over gloo; other platforms ignore this option.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address, num_processes, process_id, **timeouts)
-    elif any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES", "TPU_WORKER_HOSTNAMES")):
-        jax.distributed.initialize(**timeouts)
-    logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:

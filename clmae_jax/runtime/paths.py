@@ -46,8 +46,11 @@ def isdir(path) -> bool:
 
 
 def makedirs(path):
-    """Creates a folder and its parents; nothing happens when it exists."""
-    epath.Path(path).mkdir(parents=True, exist_ok=True)
+    """Creates a local folder and its parents (nothing happens when it exists). On an object store folders are
+    implied by the objects in them, so there is nothing to make (and tf.io.gfile.makedirs loops forever on a bucket
+    that does not exist)."""
+    if not is_remote(path):
+        epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
 def listdir(path) -> list:
@@ -86,11 +89,13 @@ def read_text(path) -> str:
 
 
 def write_bytes(path, content: bytes):
-    """Writes a file so that readers see the old content or the new one, never a part (see the module doc)."""
+    """Writes a file (and the folders above it) so that readers see the old content or the new one, never a part
+    (see the module doc)."""
     path = epath.Path(path)
     if is_remote(path):
         path.write_bytes(content)
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_bytes(content)
     os.replace(temporary, path)

@@ -5,6 +5,8 @@ stay where those are known; everything else is here, so a bad value fails in a s
 accepted names of a field come from the module that reads it: the runtime's and the models' below, an experiment's
 own (CL-MAE's curriculum, CBM's salience) from its module's OPTIONS, which main.py passes in.
 """
+import uuid
+
 import jax
 
 from clmae_jax.models.vit import ATTENTION_IMPLEMENTATIONS, POSITION_EMBEDDINGS, vit_size
@@ -190,7 +192,7 @@ def check_workdir(workdir: str):
                         "live on Google Cloud Storage.")
     if paths.exists(workdir) and not paths.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file, not a folder; choose a folder (it is made if missing).")
-    probe = paths.join(workdir, ".write_probe")
+    probe = paths.join(workdir, f".write_probe.{uuid.uuid4().hex}")  # Each process of a run probes at once.
     try:
         paths.makedirs(workdir)
         paths.write_bytes(probe, b"")
