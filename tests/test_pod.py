@@ -3,8 +3,10 @@ each process in a local scratch folder of its own (so nothing passes through a s
 through JAX's cluster detection (a SLURM job's environment on localhost): kill -9, preemption, corrupt checkpoints,
 a second run, evaluation and export, all against the bucket; and the join decision for each environment."""
 import ast
+import importlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,13 +15,15 @@ import threading
 import time
 import uuid
 
+import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
-from conftest import ROOT, Main, run_main
+from conftest import BUCKET, ROOT, Main, run_main
 from test_faults import (CLMAE, FAST, MAE, TOTAL, assert_same_state, free_port, mae_reference,  # noqa: F401
                          stopped_line, wait_for_step)
-from clmae_jax.runtime import checkpoint, distributed, lock, paths, validate
+from clmae_jax.runtime import checkpoint, data, distributed, lock, paths, validate
 from clmae_jax.runtime.errors import UserError
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -195,6 +199,91 @@ def test_an_environment_of_several_processes_that_ends_as_one_is_refused():
 def test_contradictory_process_flags_are_one_line(mode, address, processes, index, message):
     with pytest.raises(UserError, match=message):
         distributed.check_flags(mode, address, processes, index)
+
+
+# ---------------------------------------------------------------- data in the bucket ------------------------------
+
+
+FASHION_ROWS = 96
+
+
+class FashionMnistPart(tfds.core.GeneratorBasedBuilder):
+    """The first FASHION_ROWS Fashion-MNIST training images as a tfds dataset, prepared offline."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(28, 28, 1)), "label": tfds.features.ClassLabel(num_classes=10)}))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        source = data.fashion_mnist_idx("train", FASHION_MNIST)
+        for i, example in enumerate(source.dataset.take(FASHION_ROWS).as_numpy_iterator()):
+            yield i, {"image": example["image"], "label": int(example["label"])}
+
+
+def tfds_rows(data_dir: str) -> list:
+    """Every (image bytes, label) of FashionMnistPart in `data_dir`, as the tfds source reads them for training."""
+    config = ml_collections.ConfigDict(dict(source="tfds", name=FashionMnistPart.name, data_dir=data_dir,
+                                            channels=1))
+    source = data.load_source(config, "train")
+    return [(data._decode(e["image"], True, 1).numpy().tobytes(), int(e["label"])) for e in source.dataset]
+
+
+def test_tfds_data_prepared_in_a_bucket_reads_as_it_does_from_a_local_folder(gcs, tmp_path):
+    for data_dir in (gcs + "/tfds", str(tmp_path / "tfds")):
+        FashionMnistPart(data_dir=data_dir).download_and_prepare()
+    from_bucket = tfds_rows(gcs + "/tfds")
+    assert len(from_bucket) == FASHION_ROWS and from_bucket == tfds_rows(str(tmp_path / "tfds"))
+    assert local_gs_folders(tmp_path) == [] and local_gs_folders(ROOT) == []
+
+
+# ---------------------------------------------------------------- the README's launch recipes --------------------
+
+
+def recipe_commands() -> list:
+    """Every `python main.py ...` and `python bench/....py ...` command of the README's launch recipes (its section
+    "Pods and GPU hosts"), as tokens."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    recipes = readme.split("\n## Pods and GPU hosts\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", recipes, re.S)
+    commands = []
+    for block in blocks:
+        text = block.replace("\\\n", " ")
+        for found in re.finditer(r"python (main\.py|bench/\w+\.py)((?: +--[^ \n\"]+)*)", text):
+            commands.append([found.group(1), *found.group(2).split()])
+    return commands
+
+
+def defined_flags(program: str) -> set:
+    """The flag names a script defines (absl DEFINE_* calls), read from its source."""
+    return set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', open(os.path.join(ROOT, program)).read()))
+
+
+def test_every_launch_recipe_command_names_real_flags_a_valid_config_and_a_usable_bucket(gcs):
+    commands = recipe_commands()
+    runs = [c for c in commands if c[0] == "main.py" and any(a.startswith("--workdir=gs://") for a in c)]
+    assert len(runs) >= 2 and any(c[0] == "bench/bench_tpu.py" for c in commands), commands
+    for program, *arguments in commands:
+        values = dict(a[2:].split("=", 1) for a in arguments)
+        names = {k for k in values if not k.startswith("config.")}
+        assert names <= defined_flags(program), (program, names - defined_flags(program))
+        file, _, variant = values["config"].removeprefix("configs/").partition(":")
+        config = importlib.import_module(f"configs.{file.removesuffix('.py')}").get_config(variant)
+        for key, value in values.items():
+            if key.startswith("config."):
+                field, value = key[len("config."):], value.replace("BUCKET", BUCKET)
+                current = validate.get(config, field)
+                assert current is not None, f"{program}: --{key} is not a field of {values['config']}"
+                config.update_from_flattened_dict({field: value if isinstance(current, str) else
+                                                   ast.literal_eval(value)})
+        validate.check_config(config)
+        if values.get("workdir", "").startswith("gs://"):
+            validate.check_workdir(values["workdir"].replace("gs://BUCKET", gcs))
 
 
 # ---------------------------------------------------------------- runs on the bucket ------------------------------
