@@ -26,7 +26,7 @@ from cbm_jax.models.wide_resnet import WRN_52_2, WideResNet
 from cbm_jax.salience import patch_salience
 from cbm_jax.schedules import masking_schedule
 from clmae_jax.models.vit import ViTClassifier, vit_size
-from clmae_jax.runtime import checkpoint, data, loop, metrics, optim, paths
+from clmae_jax.runtime import checkpoint, data, loop, metrics, optim
 from clmae_jax.runtime.experiment import Experiment
 from clmae_jax.runtime.errors import MissingInputError, UserError
 from clmae_jax.runtime.state import TrainState, tree_size
@@ -56,10 +56,7 @@ def build_classifier(config, num_classes: int) -> flax.linen.Module:
 def init_variables(model, config, num_classes: int) -> dict:
     """{'params', 'batch_stats'?}: random, or with the pretrained weights config.model.init_from names."""
     path, name = config.model.get("init_from"), config.model.name
-    if path and name == "cvt13":
-        if not paths.exists(path):
-            raise MissingInputError(f"CvT weights {path} not found; download CvT-13-224x224-IN-1k.pth (microsoft/CvT "
-                                    "model zoo) and set config.model.init_from to it, or '' to train from scratch.")
+    if path and name == "cvt13":  # The file's existence is checked with the config (validate.check_weights).
         from cbm_jax.interop.cvt_torch import load_cvt_torch_checkpoint
         return load_cvt_torch_checkpoint(path, num_classes, seed=config.seed)
     if path and name != "vit":
@@ -140,7 +137,7 @@ def make_train_step(model, tx, lr_schedule, config, num_classes: int = 0):
         # Micro-batches average their BatchNorm running statistics; BN statistics are always over the global
         # (micro-)batch: jit with a sharded batch reduces them across devices, i.e. synchronised BatchNorm.
         (loss, (model_state, accuracy)), grads = loop.accumulate_gradients(
-            loss_and_grad, state.params, batch, step_rng, config.grad_accum_steps)
+            loss_and_grad, state.params, batch, step_rng, config.grad_accum_steps, config.get("mesh"))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         measurements = {"loss": loss, "train_accuracy": accuracy, "learning_rate": lr_schedule(state.step),

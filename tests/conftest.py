@@ -61,7 +61,7 @@ class Main:
     """`python main.py` in a subprocess on `devices` fake CPU devices; its stderr (the log) collected as it comes."""
 
     def __init__(self, workdir, config, *overrides, devices=1, file_limit=0, extra_flags=(), env=None, cwd=ROOT):
-        env = {**cpu_env(devices), **(env or {})}
+        env = {k: v for k, v in {**cpu_env(devices), **(env or {})}.items() if v is not None}  # None: unset.
         cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={os.path.join(ROOT, 'configs', config)}",
                f"--workdir={workdir}", *overrides, *extra_flags]
         if file_limit:  # No file may grow past file_limit bytes: writes beyond fail (EFBIG), as on a full disk.

@@ -12,7 +12,7 @@ import pytest
 
 from cbm_jax import train_supervised as cbm
 from cbm_jax.masking import num_masked_patches
-from clmae_jax.runtime import data, loop, mesh as mesh_lib
+from clmae_jax.runtime import data, loop, mesh as mesh_lib, validate
 from configs import cbm_fashion_mnist, cbm_paper
 from conftest import assert_trees_close, load_params, run_main, train
 
@@ -150,7 +150,7 @@ def test_unknown_model_and_misplaced_weights_are_clear_errors():
         cbm.init_variables(cbm.build_classifier(config, 10), config, 10)
     config.model.name = "cvt13"
     with pytest.raises(FileNotFoundError, match="CvT-13-224x224-IN-1k.pth"):
-        cbm.init_variables(cbm.build_classifier(config, 10), config, 10)
+        validate.check_weights(config)
 
 
 def test_paper_recipes():
@@ -232,7 +232,8 @@ def test_missing_cvt_weights_is_one_clear_line(tmp_path):
                     "--config.input.mean=(0.5,0.5,0.5)", "--config.input.std=(0.5,0.5,0.5)",
                     "--config.model.init_from=/nowhere/cvt.pth", check=False)
     last = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode != 0 and last.startswith("error: CvT weights /nowhere/cvt.pth not found")
+    assert proc.returncode != 0 and last.startswith("error: config.model.init_from=/nowhere/cvt.pth does not exist; "
+                                                    "download CvT-13-224x224-IN-1k.pth (microsoft/CvT model zoo)")
 
 
 @pytest.mark.slow

@@ -37,6 +37,9 @@ def read_torch_file(path: str) -> tuple:
         try:
             content = torch.load(io.BytesIO(paths.read_bytes(path)), map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for unreadable files; all mean the same to the user.
+            if "weights_only" in str(e):  # torch's message advises loading it unsafely: never repeat that.
+                raise UserError(f"{path} holds pickled objects other than tensors, which are never loaded (they "
+                                "can run code); use a file of weights only (a state dict of tensors).") from e
             raise UserError(f"{path} is not a readable PyTorch weights file ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}).") from e
     if not isinstance(content, dict):

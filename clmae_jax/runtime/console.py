@@ -3,12 +3,13 @@ line; everything logged, library tracebacks and what native code (XLA, gloo, Ten
 goes to WORKDIR/main.log (main.<process>.log on processes other than 0). With a remote workdir (gs://) the log
 stays on each host's local disk, in the folder `paths.host_log_dir` names (e.g. /tmp/clmae_jax_logs/gs/BUCKET/RUN).
 
-Records are held in memory until `keep_in(workdir)`, which main.py calls once the resume check passed: a refused
-resume leaves the workdir as it was.
+Records and native output are held until `keep_in(workdir)`, which main.py calls once the resume check passed: a
+refused resume leaves the workdir as it was, and a failure before that prints its one line and nothing else.
 """
 import logging.handlers
 import os
 import sys
+import tempfile
 
 import jax
 from absl import logging as absl_logging
@@ -21,11 +22,14 @@ OUR_CODE = ("/clmae_jax/", "/cbm_jax/", "/main.py")
 
 
 class ConsoleFilter(logging.Filter):
-    """Passes our INFO and above and libraries' warnings; tracebacks and library errors only reach the log file
-    (the one `error:` line main.py prints says what failed)."""
+    """Passes our INFO and above and libraries' warnings logged as such; tracebacks, library errors, Python
+    `warnings` and records logged with extra={"log_only": True} only reach the log file (the one `error:` line
+    main.py prints says what failed)."""
 
     def filter(self, record):
-        if record.exc_info or record.stack_info:
+        if record.exc_info or record.stack_info or getattr(record, "log_only", False):
+            return False
+        if record.name == "py.warnings":  # Python warnings of libraries (deprecations, pickle protocols): log only.
             return False
         ours = any(part in record.pathname for part in OUR_CODE)
         quiet = any(part in record.pathname for part in QUIET_LIBRARIES)
@@ -34,11 +38,23 @@ class ConsoleFilter(logging.Filter):
         return record.levelno == logging.WARNING
 
 
-def hold() -> logging.handlers.MemoryHandler:
-    """Starts holding every log record in memory (written out by `keep_in`)."""
-    buffer = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
-    logging.getLogger().addHandler(buffer)
-    return buffer
+class Held:
+    """What a run writes before its log file exists: Python's log records (in memory) and what native code writes
+    to file descriptor 2 (TensorFlow's and absl's start-up lines, XLA, a fatal error's stack; in a temporary file).
+    From its creation on, Python's stderr is the console and fd 2 is not."""
+
+    def __init__(self):
+        # A full disk must not turn every log record into a traceback on the console: the run's error line says it.
+        logging.raiseExceptions = False
+        logging.captureWarnings(True)
+        self.records = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
+        logging.getLogger().addHandler(self.records)
+        self.native = tempfile.TemporaryFile()
+        console = os.dup(2)
+        os.dup2(self.native.fileno(), 2)
+        sys.stderr = os.fdopen(console, "w", buffering=1)
+        absl_logging.get_absl_handler().python_handler.stream = sys.stderr
+        self.path = None
 
 
 def log_path(workdir: str) -> str:
@@ -47,31 +63,34 @@ def log_path(workdir: str) -> str:
     return os.path.join(paths.host_log_dir(workdir), "main.log" if index == 0 else f"main.{index}.log")
 
 
-def keep_in(workdir: str, buffer: logging.handlers.MemoryHandler) -> str:
-    """Writes the held records to this process's log file, and every later one as it comes; returns its path."""
-    path = log_path(workdir)
-    if buffer.target is not None:  # Kept already.
-        return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    handler = logging.FileHandler(path)
+def keep_in(workdir: str, held: Held) -> str:
+    """Writes what `held` holds to this process's log file, and every later record and native line as it comes;
+    returns its path (in the temporary folder when the workdir cannot take it, e.g. it is a file)."""
+    if held.path is not None:
+        return held.path
+    held.path = log_path(workdir)
+    try:
+        os.makedirs(os.path.dirname(held.path), exist_ok=True)
+        log = open(held.path, "ab", buffering=0)
+    except OSError:
+        held.path = os.path.join(tempfile.gettempdir(), f"clmae_jax_main.{os.getpid()}.log")
+        log = open(held.path, "ab", buffering=0)
+    handler = logging.FileHandler(held.path)
     handler.setFormatter(logging.Formatter("%(levelname).1s%(asctime)s %(process)d %(filename)s:%(lineno)d] "
                                            "%(message)s"))
-    buffer.setTarget(handler)
-    buffer.flush()
-    logging.getLogger().removeHandler(buffer)
+    held.records.setTarget(handler)
+    held.records.flush()
+    logging.getLogger().removeHandler(held.records)
     logging.getLogger().addHandler(handler)
-    native_stderr_to(path)
-    return path
-
-
-def native_stderr_to(path: str):
-    """Points file descriptor 2 (where C++ libraries write) at `path`; Python's stderr keeps the console."""
-    console = os.dup(2)
-    native = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(native, 2)
-    os.close(native)
-    sys.stderr = os.fdopen(console, "w", buffering=1)
-    absl_logging.get_absl_handler().python_handler.stream = sys.stderr
+    held.native.seek(0)
+    with log:
+        try:
+            log.write(held.native.read())  # Native output from before the log existed, after the held records.
+        except OSError:  # A full disk: the run's own error line says so when it matters.
+            pass
+        os.dup2(log.fileno(), 2)
+    held.native.close()
+    return held.path
 
 
 def one_line(error: BaseException) -> str:

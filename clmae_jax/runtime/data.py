@@ -27,6 +27,7 @@ from clmae_jax.runtime.errors import MissingInputError, UserError
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 SOURCES = ("tfds", "fashion_mnist_idx", "image_folder")
+SOURCE_NAMES = {"fashion_mnist_idx": "fashion_mnist"}  # The config.input.name a source that reads no name accepts.
 AUGMENTATIONS = ("mae", "crop_flip", "none")
 EVAL_TRANSFORMS = ("center_crop", "resize")
 

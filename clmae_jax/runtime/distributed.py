@@ -12,7 +12,7 @@ the environment describes stops with one line before anything is built.
 import jax
 from absl import logging
 
-from clmae_jax.runtime import jax_compat
+from clmae_jax.runtime import jax_compat, peers
 from clmae_jax.runtime.errors import UserError
 
 MODES = ("auto", "on", "off")
@@ -69,11 +69,18 @@ def initialize(mode: str = "auto", coordinator_address: str = "", num_processes:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         explicit = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                         process_id=process_id) if coordinator_address else {}
+        where = (f"process {process_id} of {num_processes} could not reach the others through the coordinator at "
+                 f"{coordinator_address}" if coordinator_address else
+                 f"this process could not join the {cluster[0] if cluster else 'cluster'} job's other processes")
+        peers.exit_on_abort(lambda: f"error: {where} within --peer_timeout_s={peer_timeout_s} s: a process never "
+                                    "started, or the coordinator cannot be reached; start the same command on every "
+                                    "host (process 0's address first), then rerun.")
         jax.distributed.initialize(**explicit, initialization_timeout=peer_timeout_s,
                                    heartbeat_timeout_seconds=peer_timeout_s)
     check_joined(cluster)
     logging.info("process %d/%d, %d local / %d global devices%s", jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count(), f" ({cluster[0]})" if cluster else "")
+                 jax.local_device_count(), jax.device_count(), f" ({cluster[0]})" if cluster else "",
+                 extra={"log_only": jax.process_count() == 1})  # On one process the console has nothing to learn.
 
 
 def check_joined(cluster: tuple[str, int] | None):

@@ -16,6 +16,7 @@ import optax
 from absl import logging
 
 from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib, metrics, optim, preemption, run_config
+from clmae_jax.runtime import state as state_lib
 from clmae_jax.runtime.errors import UserError
 
 NONFINITE_MODES = ("stop", "skip")
@@ -54,13 +55,18 @@ class Budget:
         return peak, optim.schedule(self.config.optimizer, peak, self.steps_per_epoch, self.total_steps)
 
 
-def accumulate_gradients(loss_and_grad, params, batch: dict, rng, accum_steps: int):
+def accumulate_gradients(loss_and_grad, params, batch: dict, rng, accum_steps: int, mesh_config=None):
     """Averages (loss, aux), grads over `accum_steps` equal micro-batches, so a small machine keeps a large batch.
 
     `loss_and_grad(params, micro_batch, rng) -> ((loss, aux), grads)`; with accum_steps == 1 it is called once.
-    Under FSDP it runs on the gathered parameters (mesh.gathered).
+    When config.mesh (`mesh_config`) splits the train state, it runs on the gathered parameters (mesh.gathered) and
+    the gradients come back split as the state's parameters (state.like_state): reduce-scattered, not all-reduced.
     """
-    params = mesh_lib.gathered(params)
+    (loss, aux), grads = _accumulate(loss_and_grad, mesh_lib.gathered(params), batch, rng, accum_steps)
+    return (loss, aux), state_lib.like_state(grads, mesh_config)
+
+
+def _accumulate(loss_and_grad, params, batch: dict, rng, accum_steps: int):
     if accum_steps == 1:
         return loss_and_grad(params, batch, rng)
     batch_size = jax.tree.leaves(batch)[0].shape[0]
@@ -288,14 +294,23 @@ def train(config, workdir: str, experiment_cls):
     experiment = experiment_cls(config, run.mesh, run.budget)
     state, metadata = run.restore_or(experiment)
     results, start = metadata.get("results", {}), int(state.step)
+    if start >= run.budget.total_steps:
+        logging.warning("%s holds step %d of a run of %d steps: nothing to train%s", run.checkpointer.directory,
+                        start, run.budget.total_steps, "" if start == run.budget.total_steps else
+                        "; raise config.total_steps (or config.num_epochs) to train on")
+        run.close()
+        return state, results
     run_config.record(config, workdir, start)  # Only now: the checkpoint was found to be this config's.
     logging.info("%s; starting at step %d of %d", experiment.describe(state), start, run.budget.total_steps)
 
     health, last = Health(config.get("nonfinite", "stop")), run.last_step()
     progress, timer = metrics.progress(run.budget.total_steps, run.writer, config.log_every_steps), StepTimer(start)
+    # Held by name: the unwinding of a preemption must not destroy the tf.data iterator (tens of seconds at times,
+    # past a preemption's grace period); main.py exits without tearing it down.
+    batches = run.batches(start)
     with preemption.Watch() as watch:
         try:
-            for step, batch in zip(range(start + 1, last + 1), run.batches(start)):
+            for step, batch in zip(range(start + 1, last + 1), batches):
                 logging_step = itstime(step, config.log_every_steps, last)
                 probed = experiment.probe(state, batch, step) if logging_step else {}
                 state, measurements = experiment.train_step(state, batch, step)

@@ -1,10 +1,11 @@
 """A lost process in a multi-process run: every survivor ends with one line and exit status PEER_LOST_EXIT.
 
 JAX's coordination service notices a peer that stopped sending heartbeats (after --peer_timeout_s) or a coordinator
-that went away (at once), and ends every other process through a fatal C++ log line, i.e. abort(). A SIGABRT
-handler installed through ctypes turns that abort into the line (the lost process, the last committed checkpoint)
-and a plain exit; the C++ report itself goes to the log file (see console.keep_in), where the handler reads which
-process was lost.
+that went away (at once), and ends every other process through a fatal C++ log line, i.e. abort(); so it ends a
+process that cannot join at all (a peer that never starts, an unreachable coordinator) after --peer_timeout_s. A
+SIGABRT handler installed through ctypes turns that abort into one line (the lost process and the last committed
+checkpoint, or who could not join where) and a plain exit; the C++ report itself goes to the log file (see
+console.Held), where the handler reads which process was lost.
 """
 import ctypes
 import os
@@ -47,25 +48,30 @@ def read_tail(path: str, size: int = 1 << 16) -> str:
         return ""
 
 
-def watch(workdir: str, log_path: str, peer_timeout_s: int):
-    """From now on an abort of this process (the coordination service's way of ending survivors) prints the
-    lost-peer line and exits with PEER_LOST_EXIT. Multi-process runs only."""
-    if jax.process_count() == 1 or _installed:
-        return
+def exit_on_abort(line):
+    """From now on an abort of this process (the coordination service's way of ending it) prints `line()` and
+    exits with PEER_LOST_EXIT instead; the C++ report goes to the log (fd 2 is not the console, see console.Held)."""
 
     def on_abort(signum):
         del signum
-        line = (f"error: lost {lost_process(read_tail(log_path))} of this {jax.process_count()}-process run (killed, "
-                f"preempted or its host gone; silent for up to {peer_timeout_s} s). Last committed checkpoint: "
-                f"{last_committed(workdir)}; rerun every process to resume from it.\n")
-        os.write(sys.stderr.fileno(), line.encode())
+        os.write(sys.stderr.fileno(), f"{line()}\n".encode())
         os._exit(PEER_LOST_EXIT)
 
     handler = _HANDLER_TYPE(on_abort)
     libc = ctypes.CDLL(None)
     libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, _HANDLER_TYPE], ctypes.c_void_p
     libc.signal(signal.SIGABRT, handler)
-    _installed.append(handler)
+    _installed[:] = [handler]
+
+
+def watch(workdir: str, log_path: str, peer_timeout_s: int):
+    """A lost peer from now on ends this process with one line naming it and the last committed checkpoint, and
+    exit status PEER_LOST_EXIT. Multi-process runs only."""
+    if jax.process_count() == 1:
+        return
+    exit_on_abort(lambda: f"error: lost {lost_process(read_tail(log_path))} of this {jax.process_count()}-process "
+                          f"run (killed, preempted or its host gone; silent for up to {peer_timeout_s} s). Last "
+                          f"committed checkpoint: {last_committed(workdir)}; rerun every process to resume from it.")
 
 
 def settle(peer_timeout_s: int):

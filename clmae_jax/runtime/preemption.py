@@ -9,11 +9,25 @@ SIGTERM.
 """
 import os
 import signal
-
-import jax
-from jax.experimental import multihost_utils
+import sys
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request, rerun to resume (not a crash, not a kill).
+
+
+def stop_at_once(number, frame):
+    """A signal outside the training loop (starting up, compiling, restoring, evaluating): nothing is being saved,
+    so the process ends now with one line; what is on disk is as after a kill -9, which every reader survives."""
+    del frame
+    print(f"stopped on {signal.Signals(number).name} outside training (nothing was being saved); rerun the same "
+          "command to resume.", file=sys.stderr, flush=True)
+    os._exit(PREEMPTED_EXIT)
+
+
+def stop_at_once_on_signals():
+    """SIGTERM and SIGINT end the process at once until the training loop's `Watch` takes them (main.py sets this
+    first: Ctrl-C while TensorFlow imports would otherwise print a traceback, or vanish in a gc callback)."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, stop_at_once)
 
 
 class Preempted(Exception):
@@ -32,6 +46,7 @@ class Watch:
         self.previous = {}
 
     def __enter__(self):
+        import jax  # Imported here: main.py sets stop_at_once_on_signals before JAX loads.
         multi = jax.process_count() > 1
         self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self.forward if multi else self.note)
         if not multi:  # On several processes JAX's own SIGTERM handler must see the notice (see module doc).
@@ -61,6 +76,8 @@ class Watch:
 
     def reached(self, step: int) -> bool:
         """True at the step to save and stop at: the signalled one, or on several processes the one they agree on."""
+        import jax
+        from jax.experimental import multihost_utils
         if jax.process_count() > 1:
             reached = multihost_utils.reached_preemption_sync_point(step)
             self.signal_name = self.signal_name or ("SIGTERM" if reached else None)

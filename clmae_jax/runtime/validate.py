@@ -9,9 +9,10 @@ import uuid
 
 import jax
 
+from clmae_jax.evaluate.encoder import RAW_PIXELS
 from clmae_jax.models.vit import ATTENTION_IMPLEMENTATIONS, POSITION_EMBEDDINGS, vit_size
 from clmae_jax.runtime import data, loop, optim, paths
-from clmae_jax.runtime.errors import UserError, check_tiling
+from clmae_jax.runtime.errors import MissingInputError, UserError, check_tiling
 
 NAMES = {  # Field -> accepted values, as the module that reads the field defines them.
     "nonfinite": loop.NONFINITE_MODES,
@@ -52,8 +53,15 @@ AT_LEAST = {
     "cbm.grid": (1, "give the cells per side (4 in the paper)"),
 }
 
-NON_NEGATIVE = ("optimizer.lr", "optimizer.base_lr", "optimizer.weight_decay", "optimizer.warmup_epochs",
-                "optimizer.min_lr", "optimizer.grad_clip", "clmae.masker_logit_bound")
+NON_NEGATIVE = {  # Field -> fix.
+    "optimizer.lr": "use 0 to take config.optimizer.base_lr x batch / 256",
+    "optimizer.base_lr": "give the learning rate per 256 images (the MAE paper: 1.5e-4)",
+    "optimizer.weight_decay": "use 0 for none",
+    "optimizer.warmup_epochs": "use 0 for no warm-up",
+    "optimizer.min_lr": "use 0 to decay to zero",
+    "optimizer.grad_clip": "use 0 for no clipping",
+    "clmae.masker_logit_bound": "use 0 for no bound",
+}
 
 POSITIVE = {  # Field -> fix, for numbers that divide.
     "clmae.masker_temperature": "use 1.0 for the official sigmoid, above 1 to soften it",
@@ -89,10 +97,10 @@ def check_ranges(config):
         value = get(config, field)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < lowest):
             fail(field, value, f"must be an integer >= {lowest}", fix)
-    for field in NON_NEGATIVE:
+    for field, fix in NON_NEGATIVE.items():
         value = get(config, field)
         if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-            fail(field, value, "must be a number >= 0", "use 0 to turn it off")
+            fail(field, value, "must be a number >= 0", fix)
     for field, fix in POSITIVE.items():
         value = get(config, field)
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
@@ -149,6 +157,9 @@ def check_input(config):
     if c.source == "image_folder" and not c.get("data_dir"):
         fail("input.data_dir", "", "is empty but config.input.source='image_folder' reads from it",
              "set it to the folder holding <split>/<class>/<image> files")
+    if c.source != "tfds" and c.get("name") not in ("", data.SOURCE_NAMES.get(c.source)):
+        fail("input.name", c.name, f"is not read by config.input.source={c.source!r}", "set config.input.source="
+             "'tfds' to read a tfds dataset by name, or leave the name as the config file gives it")
 
 
 def check_model(config):
@@ -184,6 +195,24 @@ def check_heads(config):
                  f"use one of {', '.join(map(str, divisors))} (or change the width)")
 
 
+WEIGHTS = {  # Field -> what else it may be set to.
+    "model.init_from": "'' to start from scratch",
+    "encoder.checkpoint": f"{RAW_PIXELS!r} for the pixel baseline",
+}
+
+
+def check_weights(config):
+    """The weights a run starts from or evaluates exist: a run folder, a checkpoint step, a weights file."""
+    for field, otherwise in WEIGHTS.items():
+        path = get(config, field)
+        if not path or path == RAW_PIXELS or paths.exists(path):
+            continue
+        where = ("download CvT-13-224x224-IN-1k.pth (microsoft/CvT model zoo) and point it there"
+                 if get(config, "model.name") == "cvt13" else "point it at a run's workdir, one of its "
+                 "checkpoints/<step> folders or a PyTorch / Hugging Face weights file")
+        raise MissingInputError(f"config.{field}={path} does not exist; {where}, or set it to {otherwise}.")
+
+
 def check_workdir(workdir: str):
     """The workdir is a local folder or a gs:// URL, exists or can be made, and takes files."""
     remote = paths.is_remote(workdir)
@@ -216,5 +245,6 @@ def check_config(config, workdir: str | None = None, options: dict | None = None
     check_input(config)
     check_model(config)
     check_heads(config)
-    if workdir is not None:
+    if workdir is not None:  # A run's files: configs name weights that users download, so not before a run.
+        check_weights(config)
         check_workdir(workdir)
