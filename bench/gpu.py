@@ -21,7 +21,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # The target's devices are compil
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench import tpu  # noqa: E402
+from bench import hlo, tpu  # noqa: E402
 
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
 
@@ -82,7 +82,8 @@ def topology_devices(target: Gpu, gpus: int = 1) -> list:
 def claim_compute_capability(capability: str):
     """jax's cuDNN attention checks ask the local backend which GPU it has (here a CPU, so Hopper's 256-wide heads
     would be refused): make them answer for the target instead. Only this compile-only process is affected."""
-    from jax._src.cudnn import fused_attention_stablehlo as fused
+    from clmae_jax.runtime import jax_compat
+    fused = jax_compat.cudnn_attention_checks()
     version = lambda text: tuple(int(x) for x in text.split("."))
     fused.check_compute_capability = lambda wanted: version(capability) >= version(wanted)
     fused.is_cuda_compute_capability_equal = lambda wanted: version(capability) == version(wanted)
@@ -94,55 +95,10 @@ def targeting(mesh):
     return jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext()
 
 
-def symbols(lines: list) -> dict:
-    """{instruction name: result type} of one computation's instruction lines."""
-    table = {}
-    for line in lines:
-        name = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
-        if name:
-            table[name.group(1)] = tpu.result_and_opcode(line)[0]
-    return table
-
-
-def operands(line: str) -> list:
-    """Names of an instruction's operands."""
-    rest = line.split(" = ", 1)[1]
-    start = rest.index("(", rest.index(tpu.opcode(line)))
-    depth, end = 0, start
-    for end, char in enumerate(rest[start:], start):
-        depth += char == "(" and 1 or char == ")" and -1 or 0
-        if depth == 0:
-            break
-    return re.findall(r"%([\w.\-]+)", rest[start:end])
-
-
-def dims(shape: str) -> list:
-    """Dimensions of the first array in an HLO type, e.g. 'bf16[64,197,768]{2,1,0}' -> [64, 197, 768]."""
-    found = re.search(r"[a-z]+\d*\[([\d,]*)\]", shape)
-    return [int(d) for d in found.group(1).split(",") if d] if found else []
-
-
-def dot_flops(line: str, table: dict) -> float:
-    """2 x output elements x contracted size of a dot (or a cuBLAS GEMM custom call)."""
-    lhs = dims(table.get(operands(line)[0], ""))
-    contracting = re.search(r'lhs_contracting_dim(?:s|ensions)"?[=:]\{?\[?([\d,"\s]*)', line)
-    contracted = [int(d) for d in re.findall(r"\d+", contracting.group(1))] if contracting else []
-    return 2.0 * np.prod(dims(tpu.result_and_opcode(line)[0]) or [1]) * np.prod([lhs[d] for d in contracted] or [1])
-
-
-def conv_flops(line: str, table: dict) -> float:
-    """2 x output elements x (window x input features per group) of a convolution: the kernel operand's size
-    without its output-feature dimension."""
-    kernel = dims(table.get(operands(line)[1], ""))
-    labels = re.search(r"dim_labels=\w+_(\w+)->", line).group(1)
-    out_features = kernel[labels.index("o")] if "o" in labels and kernel else 1
-    return 2.0 * np.prod(dims(tpu.result_and_opcode(line)[0])) * np.prod(kernel) / out_features
-
-
 def attention_flops(line: str, table: dict) -> float:
     """cuDNN fused attention on [B, T, N, H] q / k: q k^T and p v (4 B N T S H) forward; the backward recomputes
     q k^T and adds three products (2.5x)."""
-    q, k = (dims(table.get(name, "")) for name in operands(line)[:2])
+    q, k = (hlo.dims(table.get(name, "")) for name in hlo.operands(line)[:2])
     if len(q) != 4:
         return 0.0
     forward = 4.0 * q[0] * q[1] * q[2] * q[3] * k[1]
@@ -154,25 +110,25 @@ NOT_KERNELS = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "after-all", "partition-id", "replica-id")
 
 
-def hlo_costs(hlo: str) -> dict:
+def hlo_costs(text: str) -> dict:
     """{"flops", "bytes", "cudnn_attention_calls", "kernels"} of an optimised GPU program (see the module's
     docstring), while bodies counted trip-count times, a conditional at its costliest branch."""
-    blocks, entry = tpu.computations(hlo)
-    tables = {name: symbols(lines) for name, lines in blocks.items()}
+    blocks, entry = hlo.computations(text)
+    tables = {name: hlo.symbols(lines) for name, lines in blocks.items()}
 
     def flops(name: str) -> float:  # Everything computed inside a computation and the ones it calls.
         total = 0.0
         for line in blocks.get(name, ()):
-            op, table = tpu.opcode(line), tables[name]
+            op, table = hlo.opcode(line), tables[name]
             target = re.search(r'custom_call_target="([^"]+)"', line)
             if op == "dot" or (target and "gemm" in target.group(1)) or (target and "matmul" in target.group(1)):
-                total += dot_flops(line, table)
+                total += hlo.dot_flops(line, table)
             elif op == "convolution" or (target and "$conv" in target.group(1)):
-                total += conv_flops(line, table)
+                total += hlo.conv_flops(line, table)
             elif target and target.group(1).startswith(CUDNN_ATTENTION):
                 total += attention_flops(line, table)
             elif op == "while":
-                total += tpu.trip_count(line, blocks) * flops(re.search(r"body=%?([\w.\-]+)", line).group(1))
+                total += hlo.trip_count(line, blocks) * flops(re.search(r"body=%?([\w.\-]+)", line).group(1))
             elif op == "conditional":
                 branches = re.findall(r"%([\w.\-]+)", line.split("branch_computations=")[-1].split("}")[0])
                 total += max((flops(b) for b in branches), default=0.0)
@@ -183,10 +139,10 @@ def hlo_costs(hlo: str) -> dict:
     def traffic(name: str) -> tuple[float, int, int]:  # (bytes, kernels, cuDNN attention calls) of the top level.
         total, kernels, attention = 0.0, 0, 0
         for line in blocks.get(name, ()):
-            op, table = tpu.opcode(line), tables[name]
+            op, table = hlo.opcode(line), tables[name]
             if op == "while":
                 body = traffic(re.search(r"body=%?([\w.\-]+)", line).group(1))
-                trips = tpu.trip_count(line, blocks)
+                trips = hlo.trip_count(line, blocks)
                 total, kernels, attention = total + trips * body[0], kernels + trips * body[1], attention + body[2]
             elif op == "call":
                 called = traffic(re.search(r"to_apply=%?([\w.\-]+)", line).group(1))
@@ -194,8 +150,8 @@ def hlo_costs(hlo: str) -> dict:
             elif op not in NOT_KERNELS and not op.endswith("-done"):
                 kernels += 1
                 attention += CUDNN_ATTENTION in line
-                total += tpu.shape_bytes(tpu.result_and_opcode(line)[0])
-                total += sum(tpu.shape_bytes(table.get(o, "")) for o in operands(line))
+                total += hlo.shape_bytes(hlo.result_and_opcode(line)[0])
+                total += sum(hlo.shape_bytes(table.get(o, "")) for o in hlo.operands(line))
         return total, kernels, attention
 
     moved, kernels, attention = traffic(entry)
@@ -212,21 +168,22 @@ CUBLAS_ONLY = {"xla_gpu_enable_triton_gemm": False}
 
 def compile_program(jitted, *args, target: Gpu) -> tuple[object, dict]:
     """Compiles `jitted` for the GPUs in `args`' shardings; (executable, per-GPU figures)."""
-    from jax._src import config as jax_config  # The flag's context manager is not public.
-
     from bench import harness
     options = {}
     # A deviceless executable cannot be read back from the persistent cache (it has no client): never write one.
-    with jax_config.persistent_cache_min_compile_time_secs(float("inf")):
-        try:
-            compiled, stats = harness.compile_stats(jitted, *args)
-        except jax.errors.JaxRuntimeError as error:
-            if TILING_FAILURE not in str(error):
-                raise
-            options = CUBLAS_ONLY
-            compiled, stats = harness.compile_stats(jitted, *args, compiler_options=options)
-    hlo = compiled.as_text()
-    costs = hlo_costs(hlo)
+    kept = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+    try:
+        compiled, stats = harness.compile_stats(jitted, *args)
+    except jax.errors.JaxRuntimeError as error:
+        if TILING_FAILURE not in str(error):
+            raise
+        options = CUBLAS_ONLY
+        compiled, stats = harness.compile_stats(jitted, *args, compiler_options=options)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", kept)
+    text = compiled.as_text()
+    costs = hlo_costs(text)
     compute_s, memory_s = costs["flops"] / target.bf16_flops, costs["bytes"] / target.bandwidth
     peak = stats["peak_bytes_per_device"]
     return compiled, {
@@ -239,5 +196,5 @@ def compile_program(jitted, *args, target: Gpu) -> tuple[object, dict]:
         "roofline_compute_seconds": compute_s, "roofline_memory_seconds": memory_s,
         "roofline_seconds": max(compute_s, memory_s),
         "cudnn_attention_calls": costs["cudnn_attention_calls"],
-        "collectives": tpu.collectives(hlo),
+        "collectives": tpu.collectives(text),
     }

@@ -1,6 +1,7 @@
 """Shared test set-up: the repo on sys.path, quiet TensorFlow, a persistent XLA cache, LLVM -O1, torchvision before
 TensorFlow; the one way to run main.py in a subprocess (Main, run_main, in cpu_env), to share a reference run across
 xdist workers (shared_dir), to read a checkpoint (load_state) and to reach a GCS emulator (gcs)."""
+import contextlib
 import fcntl
 import json
 import os
@@ -158,6 +159,24 @@ def load_state(workdir, step) -> dict:
 def load_params(workdir, step) -> dict:
     """Parameters of the checkpoint at `step`, as numpy."""
     return load_state(workdir, step)["params"]
+
+
+@contextlib.contextmanager
+def traces():
+    """The list of functions JAX traces inside the block (a jit cache miss traces, a hit does not), through JAX's
+    public monitoring events rather than the private `_cache_size()`."""
+    traced = []
+
+    def listener(event: str, duration_secs: float, **kwargs):
+        del duration_secs
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traced.append(kwargs.get("fun_name", event))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield traced
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def assert_trees_close(a, b, atol):

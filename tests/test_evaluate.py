@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 from clmae_jax.evaluate import bank as bank_lib, fewshot, knn, linear, load  # noqa: E402
 from clmae_jax.runtime import mesh as mesh_lib  # noqa: E402
 from clmae_jax.runtime.errors import UserError  # noqa: E402
-from conftest import Main, cpu_env, load_params, run_main, shared_dir  # noqa: E402
+from conftest import Main, cpu_env, load_params, run_main, shared_dir, traces  # noqa: E402
 
 NUM_CLASSES, DIM = 6, 12
 
@@ -266,9 +266,9 @@ def test_pretraining_knn_evaluator_compiles_once(runs):
     evaluator = EncoderProtocolEvaluator(entry, config, mesh_lib.make_mesh())
     params = load_params(runs["mae"], 1)
     first = evaluator.run(params)
-    sizes = (evaluator.features.featurize_fn._cache_size(), knn.knn_counts._cache_size())
-    second = evaluator.run(jax.tree.map(lambda p: p * 1.01, params))
-    assert (evaluator.features.featurize_fn._cache_size(), knn.knn_counts._cache_size()) == sizes
+    with traces() as traced:
+        second = evaluator.run(jax.tree.map(lambda p: p * 1.01, params))
+    assert traced == []  # Feature extraction and the kNN scan were not traced (nor compiled) again.
     assert evaluator.every_steps == 50 and evaluator.best_key == "knn_acc1"
     assert set(first) == {"knn_acc1", "knn_accnn"} and 0 <= second["knn_acc1"] <= 100
 

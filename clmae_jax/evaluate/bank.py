@@ -55,10 +55,17 @@ def empty_bank(mesh, rows_per_device: int, dims: dict) -> dict:
     """Zero arrays (valid = 0) with `rows_per_device` rows on every device: labels, valid, index, and one
     "features:<name>" [rows, dim] per entry of `dims`."""
     rows = rows_per_device * mesh.size
-    shapes = {"labels": ((rows,), jnp.int32), "valid": ((rows,), jnp.int32), "index": ((rows,), jnp.int32),
-              **{f"features:{k}": ((rows, d), jnp.float32) for k, d in dims.items()}}
-    zeros = jax.jit(lambda: {k: jnp.zeros(*v) for k, v in shapes.items()}, out_shardings=row_sharding(mesh))
-    return zeros()
+    shapes = (("labels", (rows,), jnp.int32), ("valid", (rows,), jnp.int32), ("index", (rows,), jnp.int32),
+              *((f"features:{k}", (rows, d), jnp.float32) for k, d in sorted(dims.items())))
+    return zeros_maker(mesh, shapes)()
+
+
+@functools.lru_cache
+def zeros_maker(mesh, shapes: tuple):
+    """A compiled maker of the zero arrays `shapes` ((name, shape, dtype), ...) laid out by rows over `mesh`; cached,
+    so an evaluation that runs every epoch traces and compiles it once."""
+    return jax.jit(lambda: {k: jnp.zeros(shape, dtype) for k, shape, dtype in shapes},
+                   out_shardings=row_sharding(mesh))
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)

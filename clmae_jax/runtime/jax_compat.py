@@ -32,3 +32,24 @@ def has_coordination_service() -> bool:
     except (ImportError, AttributeError) as e:
         raise private("jax._src.distributed.global_state.client (the coordination service's client)",
                       "run one process per host") from e
+
+
+def cudnn_attention_checks():
+    """JAX's cuDNN attention module, whose compute-capability checks a compile-only process answers for its target
+    GPU (bench/gpu.py)."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fused
+        fused.check_compute_capability, fused.is_cuda_compute_capability_equal  # noqa: B018  (present?)
+        return fused
+    except (ImportError, AttributeError) as e:
+        raise private("jax._src.cudnn.fused_attention_stablehlo's compute-capability checks",
+                      "compile for a GPU on a machine with that GPU") from e
+
+
+TESTED_ABORT_BEHAVIOUR = (0, 10)  # The jax release whose coordination service was seen to abort() survivors.
+
+
+def abort_ends_lost_peers() -> bool:
+    """True on the jax release whose coordination service ends the survivors of a lost peer with abort(), which
+    peers.py turns into one line; other releases get JAX's own report instead (and a warning that says so)."""
+    return tuple(int(x) for x in jax.__version__.split(".")[:2]) == TESTED_ABORT_BEHAVIOUR

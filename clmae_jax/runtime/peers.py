@@ -15,8 +15,9 @@ import sys
 import time
 
 import jax
+from absl import logging
 
-from clmae_jax.runtime import checkpoint
+from clmae_jax.runtime import checkpoint, jax_compat
 
 PEER_LOST_EXIT = 69  # EX_UNAVAILABLE: a peer went away; rerun all processes.
 _HANDLER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_int)
@@ -57,6 +58,10 @@ def exit_on_abort(line):
         os.write(sys.stderr.fileno(), f"{line()}\n".encode())
         os._exit(PEER_LOST_EXIT)
 
+    if not jax_compat.abort_ends_lost_peers():
+        logging.warning("jax %s: the one-line report of a lost or missing peer was verified with jax %d.%d, whose "
+                        "coordination service ends the survivors with abort(); this release may end them with its "
+                        "own report instead.", jax.__version__, *jax_compat.TESTED_ABORT_BEHAVIOUR)
     handler = _HANDLER_TYPE(on_abort)
     libc = ctypes.CDLL(None)
     libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, _HANDLER_TYPE], ctypes.c_void_p
