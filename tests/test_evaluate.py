@@ -273,6 +273,18 @@ def test_pretraining_knn_evaluator_compiles_once(runs):
     assert set(first) == {"knn_acc1", "knn_accnn"} and 0 <= second["knn_acc1"] <= 100
 
 
+def test_knn_chunk_that_does_not_divide_the_bank_is_the_one_the_scan_uses(tmp_path):
+    from clmae_jax.evaluate import run
+    from configs import eval_knn
+    results = {}
+    for chunk in (1000, 4096):  # 5,000 training rows: 1,000 tiles them as they are, 4,096 pads them to 8,192.
+        config = eval_knn.get_config("smoke")
+        config.update_from_flattened_dict({"encoder.checkpoint": "raw_pixels", "knn_chunk": chunk,
+                                           "cache_features_on_disk": False, "evals.knn.num_train": 5000})
+        results[chunk] = run.evaluate_encoder(config, str(tmp_path / str(chunk)))["knn_acc1"]
+    assert results[1000] == results[4096] > 10
+
+
 @pytest.mark.slow
 def test_eval_experiment_writes_results_and_resumes(runs, tmp_path):
     from clmae_jax.evaluate import run

@@ -35,8 +35,7 @@ class EncoderProtocolEvaluator:
         batch = eval_config.get("batch_size") or config.get("eval_batch_size") or config.batch_size
         # One FeatureSets for the whole run, so its jitted feature function is compiled once.
         self.features = protocols.FeatureSets(mesh, config.input, encoder, None,
-                                              protocols.pools_needed(self.kind, eval_config), batch,
-                                              eval_config.get("chunk", 4096))
+                                              protocols.pools_needed(self.kind, eval_config), batch)
 
     def run(self, mae_params) -> dict:
         """The protocol's scalars (percent) for the encoder inside `mae_params`."""

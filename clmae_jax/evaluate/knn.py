@@ -19,6 +19,7 @@ from clmae_jax.runtime.errors import UserError
 
 METRICS = ("euclidean", "cosine")
 VOTES = ("majority", "weighted")
+CHUNK = 4096  # Bank rows per device compared with a query batch at once (config.knn_chunk of the eval configs).
 
 
 def check_options(metric: str, vote: str):
@@ -114,7 +115,7 @@ def query_slice(arrays, size: int, start):
 
 
 def knn_accuracy(mesh, train, test, num_classes: int, k: int = 5, metric: str = "euclidean",
-                 vote_kind: str = "majority", temperature: float = 0.07, chunk: int = 4096,
+                 vote_kind: str = "majority", temperature: float = 0.07, chunk: int = CHUNK,
                  query_batch: int = 1024) -> dict:
     """{"acc1", "accnn"} in percent (and "count", the queries counted) of every valid row of bank `test`
     classified by its k nearest rows of bank `train`.

@@ -47,7 +47,7 @@ class FeatureSets:
     """Feature banks of one encoder's parameters, extracted on first use and memoised per (split, limit)."""
 
     def __init__(self, mesh, input_config, encoder: Encoder, params, pools: set, batch_size: int,
-                 chunk: int = 4096, cache_dir: str = ""):
+                 chunk: int = knn.CHUNK, cache_dir: str = ""):
         self.mesh, self.input_config, self.encoder, self.params = mesh, input_config, encoder, params
         self.pools, self.batch_size, self.chunk, self.cache_dir = sorted(pools), batch_size, chunk, cache_dir
         self.sources, self.banks = {}, {}
@@ -104,7 +104,7 @@ def run_knn(eval_config, features: FeatureSets, prefix: str = "knn", resume: Res
     test = features.get(features.input_config.eval_split, pool, eval_config.get("num_test", 0))
     result = knn.knn_accuracy(features.mesh, train, test, features.num_classes, k=eval_config.k,
                               metric=eval_config.metric, vote_kind=eval_config.vote,
-                              temperature=eval_config.temperature, chunk=eval_config.get("chunk", 4096))
+                              temperature=eval_config.temperature, chunk=features.chunk)
     return {f"{prefix}_acc1": result["acc1"], f"{prefix}_accnn": result["accnn"]}
 
 

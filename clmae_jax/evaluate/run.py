@@ -46,7 +46,7 @@ def evaluate_encoder(config, workdir: str) -> dict:
     pools = set().union(*[protocols.pools_needed(kind, c) for _, kind, c in todo])
     cache_dir = paths.join(workdir, "features") if config.get("cache_features_on_disk", True) else ""
     features = protocols.FeatureSets(mesh, config.input, encoder, params, pools, config.batch_size,
-                                     config.get("knn_chunk", 4096), cache_dir)
+                                     config.knn_chunk, cache_dir)
     previous = read_results(workdir)
     if previous.get("encoder") != encoder.name:
         previous = {}  # Another encoder wrote these: nothing to resume.

@@ -51,6 +51,7 @@ AT_LEAST = {
     "model.decoder_depth": (1, "give the number of decoder blocks"),
     "model.decoder_heads": (1, "give the number of attention heads"),
     "cbm.grid": (1, "give the cells per side (4 in the paper)"),
+    "knn_chunk": (1, "give the bank rows per device a kNN query batch meets at once (4096)"),
 }
 
 NON_NEGATIVE = {  # Field -> fix.
