@@ -22,6 +22,12 @@ def accuracy_step(apply_logits, config):
     return eval_step
 
 
+@jax.jit
+def add_sums(totals: dict, sums: dict) -> dict:
+    """Running totals of eval_step's sums."""
+    return jax.tree.map(jnp.add, totals, sums)
+
+
 class ClassificationEvaluator:
     """Accuracy and loss over a whole split; every process runs the same number of batches."""
 
@@ -34,8 +40,10 @@ class ClassificationEvaluator:
         """{name}_accuracy, {name}_loss and {name}_examples of `state` on the split."""
         local = mesh_lib.local_batch_size(self.config.eval_batch_size)
         iterator, _ = data.eval_iterator(self.config.input, self.source, local)
-        totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+        totals = None
         for batch in mesh_lib.prefetch_to_mesh(iterator, self.mesh):
-            totals = {k: totals[k] + float(v) for k, v in jax.device_get(self.eval_step(state, batch)).items()}
+            sums = self.eval_step(state, batch)
+            totals = sums if totals is None else add_sums(totals, sums)  # On the device: no sync per batch.
+        totals = {k: float(v) for k, v in jax.device_get(totals).items()}
         return {f"{self.name}_accuracy": totals["correct"] / totals["count"],
                 f"{self.name}_loss": totals["loss"] / totals["count"], f"{self.name}_examples": totals["count"]}

@@ -52,6 +52,10 @@ def test_health_names_the_first_non_finite_step_and_what():
         health.check(None)
     with pytest.raises(FloatingPointError, match=r"Checkpoint step 1 is untouched\.$"):
         health.check(1)
+    measured = loop.Health("stop")  # A step that measures param_norm: its finiteness stands for the parameters'.
+    measured.update(1, {"loss": jnp.float32(1.0), "param_norm": jnp.float32(np.inf)}, params)
+    with pytest.raises(FloatingPointError, match=r"Non-finite param_norm, params at step 1"):
+        measured.check(None)
     skipping = loop.Health("skip")  # Skipped updates are expected to be non-finite; only parameters count.
     skipping.update(1, {"loss": jnp.float32(np.nan), "skipped_update": jnp.float32(1.0)}, params)
     skipping.check(None)

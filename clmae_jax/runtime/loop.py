@@ -118,7 +118,9 @@ def skip_nonfinite(step_fn):
 
 @jax.jit
 def _update_health(health, step, measurements, params):
-    finite = {**{k: jnp.all(jnp.isfinite(v)) for k, v in measurements.items()}, "params": all_finite(params)}
+    # A finite global norm means finite parameters: where the step measured it, the parameters are not read again.
+    params_finite = jnp.isfinite(measurements["param_norm"]) if "param_norm" in measurements else all_finite(params)
+    finite = {**{k: jnp.all(jnp.isfinite(v)) for k, v in measurements.items()}, "params": params_finite}
     first = {k: jnp.where((health["first"][k] < 0) & ~ok, step, health["first"][k]) for k, ok in finite.items()}
     return {"first": first, "skipped": health["skipped"] + measurements.get("skipped_update", 0.0)}
 
