@@ -75,7 +75,8 @@ def main(argv):
                 r = rows[-1]
                 print(f"| {r['main']} | {r['step']} | {r['exit_status']} | {r['signal_to_line_s']:.1f} | "
                       f"{r['line_to_exit_s']:.1f} | {r['signal_to_exit_s']:.1f} |", flush=True)
-    print("\n| main.py | stops | exit 75 | signal to exit: median | max | line to exit: max |\n|---|---|---|---|---|---|")
+    print("\n| main.py | stops | exit 75 | signal to exit: median | max | line to exit: max |")
+    print("|---|---|---|---|---|---|")
     for main_py in FLAGS.main:
         mine = [r for r in rows if r["main"] == main_py]
         total = [r["signal_to_exit_s"] for r in mine]
