@@ -119,17 +119,22 @@ def analytic_flops(config) -> float:
 
 
 def summarise(config, chip, per_chip_batch: int, rows: dict, num_chips: int) -> dict:
-    """The run's figures: the training programs of one iteration added up, images/s per chip, MFU, wall-clock."""
+    """The run's figures: the training programs of one iteration added up, images/s per chip, MFU without and with
+    the collectives left unoverlapped (None, "incomplete", when a program holds unpriced work), wall-clock."""
     training = [rows[name] for name in TRAINING if name in rows]
     seconds = sum(r["estimated_seconds"] for r in training)
+    collective_seconds = sum(r["collective_seconds"] for r in training)
     model_flops = analytic_flops(config) * per_chip_batch
     xla_flops = sum(r["xla_flops_per_chip"] for r in training)
     used_flops = model_flops or xla_flops
+    complete = not any(r["unpriced"] for r in training)
+    mfu = lambda s: used_flops / s / (chip.bf16_tflops * 1e12) if complete and s else None
     peak = max(r["peak_gib_per_chip"] for r in training)
     steps_per_epoch, total_steps = loop.step_budget(config, TRAIN_EXAMPLES.get(dataset_name(config), 1_281_167))
-    return {"iteration_estimated_seconds": seconds,
+    return {"iteration_estimated_seconds": seconds, "iteration_collective_seconds": collective_seconds,
             "images_per_sec_per_chip": per_chip_batch / seconds if seconds else 0.0,
-            "mfu": used_flops / seconds / (chip.bf16_tflops * 1e12) if seconds else 0.0,
+            "mfu": mfu(seconds), "mfu_with_collectives": mfu(seconds + collective_seconds),
+            "mfu_status": "complete" if complete else "incomplete: unpriced work (see the programs' `unpriced`)",
             "mfu_flops": "analytic" if model_flops else "xla",
             "analytic_flops_per_chip": model_flops, "xla_flops_per_chip": xla_flops,
             "peak_gib_per_chip": peak, "fits": peak <= chip.hbm_gib,
@@ -137,23 +142,53 @@ def summarise(config, chip, per_chip_batch: int, rows: dict, num_chips: int) -> 
             "schedule_hours": total_steps * seconds / 3600, "num_chips": num_chips}
 
 
-def print_table(topology: str, chip, run: dict, rows: dict):
-    """One line per program and the run's summary."""
+def percent(value) -> str:
+    """An MFU for a table: a percentage, or 'incomplete' where unpriced work left it undefined."""
+    return "incomplete" if value is None else f"{100 * value:.1f}%"
+
+
+def print_table(topology: str, chip, run: dict, rows: dict, top: int = 10):
+    """One line per program, the run's summary, and each training program's costliest work."""
     print(f"\n{topology}: {run['num_chips']} chips of TPU {chip.kind} ({chip.bf16_tflops:.0f} bf16 TFLOP/s, "
-          f"{chip.hbm_gib:.0f} GiB HBM); every time is the compiler's estimate, not a measurement")
-    header = ("program", "peak GiB/chip", "XLA TFLOP/chip", "est. ms (cycles)", "optimal_seconds",
-              "collectives (count, MiB)", "compile s")
+          f"{chip.hbm_gib:.0f} GiB HBM at {chip.hbm_bandwidth / 1e9:.0f} GB/s, ICI {chip.ici_bandwidth / 1e9:.0f} "
+          "GB/s); every time is the compiler's estimate (collectives: the ring model), not a measurement")
+    header = ("program", "peak GiB/chip", "XLA TFLOP/chip", "est. ms (compiler + fallback)", "collectives ms",
+              "async copies GB", "unpriced", "optimal_seconds", "collectives (count, MiB)", "compile s")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name, r in rows.items():
         coll = ", ".join(f"{k} {v['count']} / {v['bytes'] / 2**20:.0f}" for k, v in r["collectives"].items()
                          if v["count"])
         print(f"| {name} | {r['peak_gib_per_chip']:.2f} | {r['xla_flops_per_chip'] / 1e12:.3f} | "
-              f"{r['estimated_seconds'] * 1e3:.1f} | {r['optimal_seconds']:.4g} | {coll or '-'} | "
-              f"{r['compile_seconds']:.0f} |")
-    print(f"iteration: {run['iteration_estimated_seconds'] * 1e3:.1f} ms (est.), {run['images_per_sec_per_chip']:.0f} "
-          f"images/s/chip, MFU {100 * run['mfu']:.1f}% ({run['mfu_flops']} FLOPs), peak {run['peak_gib_per_chip']:.2f}"
-          f" GiB/chip ({'fits' if run['fits'] else 'does NOT fit'} {chip.hbm_gib:.0f} GiB), schedule "
-          f"{run['total_steps']} steps = {run['schedule_hours']:.1f} h (est.)")
+              f"{r['estimated_seconds'] * 1e3:.1f} ({r['compiler_seconds'] * 1e3:.1f} + "
+              f"{r['fallback_seconds'] * 1e3:.2f}) | {r['collective_seconds'] * 1e3:.1f} | "
+              f"{r['async_copies']['bytes'] / 1e9:.2f} | {len(r['unpriced'])} | {r['optimal_seconds']:.4g} | "
+              f"{coll or '-'} | {r['compile_seconds']:.0f} |")
+    print(f"iteration: {run['iteration_estimated_seconds'] * 1e3:.1f} ms (est.) + "
+          f"{run['iteration_collective_seconds'] * 1e3:.1f} ms of collectives if none overlapped, "
+          f"{run['images_per_sec_per_chip']:.0f} images/s/chip, MFU {percent(run['mfu'])} "
+          f"({percent(run['mfu_with_collectives'])} with the collectives; {run['mfu_flops']} FLOPs), peak "
+          f"{run['peak_gib_per_chip']:.2f} GiB/chip ({'fits' if run['fits'] else 'does NOT fit'} "
+          f"{chip.hbm_gib:.0f} GiB), schedule {run['total_steps']} steps = {run['schedule_hours']:.1f} h (est.)")
+    for name in TRAINING:
+        if name in rows:
+            print(f"\n{name}: costliest work ({rows[name]['fallback_count']} ops priced by the fallback roofline)")
+            print(fusion_lines(rows[name]["top"][:top]))
+            for u in rows[name]["unpriced"]:
+                print(f"UNPRICED {u['opcode']} {u['target']} ({u['op']}): {u['flops'] / 1e9:.2f} GFLOP, "
+                      f"{u['bytes'] / 1e6:.1f} MB")
+
+
+def fusion_lines(top: list) -> str:
+    """A markdown table of tpu.fusion_table rows."""
+    lines = ["| op (JAX op_name) | matmul | pass | count | GFLOP | MB | ms | share | TFLOP/s (of peak) | "
+             "GB/s (of HBM) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for g in top:
+        lines.append(f"| `{g['op']}`{' (fallback)' if g['pricing'] == 'fallback' else ''} | "
+                     f"{'yes' if g['matmul'] else ''} | {g['phase']} | {g['count']} | {g['flops'] / 1e9:.1f} | "
+                     f"{g['bytes'] / 1e6:.0f} | {g['seconds'] * 1e3:.2f} | {100 * g['share']:.1f}% | "
+                     f"{g['flop_per_s'] / 1e12:.0f} ({100 * g['of_peak']:.0f}%) | "
+                     f"{g['bytes_per_s'] / 1e9:.0f} ({100 * g['of_hbm']:.0f}%) |")
+    return "\n".join(lines)
 
 
 def define_flags():

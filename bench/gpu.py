@@ -196,5 +196,5 @@ def compile_program(jitted, *args, target: Gpu) -> tuple[object, dict]:
         "roofline_compute_seconds": compute_s, "roofline_memory_seconds": memory_s,
         "roofline_seconds": max(compute_s, memory_s),
         "cudnn_attention_calls": costs["cudnn_attention_calls"],
-        "collectives": tpu.collectives(text),
+        "collectives": tpu.by_kind(tpu.collectives(text)),
     }

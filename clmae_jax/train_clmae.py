@@ -144,7 +144,7 @@ def make_steps(model: CLMAE, tx, lr_schedule, config, masker_schedule=None):
             return jax.value_and_grad(loss_fn, has_aux=True)(mae_params)
 
         (loss, _), grads = loop.accumulate_gradients(loss_and_grad, state.params["mae"], batch, rng,
-                                                     config.grad_accum_steps)
+                                                     config.grad_accum_steps, config.get("mesh"))
         state = apply_update(tx, state, "mae", grads, lr_schedule(state.step), config.clmae.freeze,
                              skip_frozen=state.step == 0)
         return state, {"mae_loss": loss, "mae_grad_norm": optax.tree.norm(grads)}
@@ -162,7 +162,7 @@ def make_steps(model: CLMAE, tx, lr_schedule, config, masker_schedule=None):
             return jax.value_and_grad(loss_fn, has_aux=True)(masker_params)
 
         (loss, aux), grads = loop.accumulate_gradients(loss_and_grad, state.params["masker"], batch, rng,
-                                                       config.grad_accum_steps)
+                                                       config.grad_accum_steps, config.get("mesh"))
         lr = lr_schedule(state.step)
         # masker_lr_scale (not in the official recipe, default 1) lets the module's step move faster than the MAE's.
         masker_lr = masker_schedule(state.step) * config.clmae.get("masker_lr_scale", 1.0)

@@ -22,7 +22,7 @@ def make_train_step(model, tx, lr_schedule, config):
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(base_rng, state.step)
         (loss, _), grads = loop.accumulate_gradients(loss_and_grad, state.params, batch, rng,
-                                                     config.grad_accum_steps)
+                                                     config.grad_accum_steps, config.get("mesh"))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
         measurements = {"loss": loss, "learning_rate": lr_schedule(state.step), **loop.norms(grads, params, updates)}

@@ -59,8 +59,11 @@ def base_config() -> ml_collections.ConfigDict:
         name="sgd", lr=0.1, base_lr=0.0, momentum=0.9, weight_decay=5e-4, schedule="step",
         decay_epochs=(32, 62, 92), decay_factor=0.1, grad_clip=0.0))
     # Device mesh: data parallelism over every device; fsdp > 1 also splits the train state (FSDP / ZeRO-3) over
-    # groups of that many devices, for ViT-L/H. -1 takes the devices left over.
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # groups of that many devices, for ViT-L/H. -1 takes the devices left over. shard_optimizer: ZeRO-1 /
+    # weight-update sharding (Xu et al. 2020; big_vision's fsdp(axis="data")): the float32 parameters and the
+    # optimizer moments split over every device, each updating its slice; the step gathers the parameters in the
+    # compute dtype and reduce-scatters the gradients (the bytes of the all-reduce it replaces). See docs/scaling.md.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_optimizer=False))
     # Evaluators (name -> config): test accuracy once per epoch (every_steps 0) and at the end, best and final kept.
     config.evals = ml_collections.ConfigDict(dict(test=dict(type="classification", every_steps=0, split="")))
     config.nonfinite = "stop"  # Or "skip": drop non-finite updates and count them.

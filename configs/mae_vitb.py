@@ -39,8 +39,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         name="adamw", lr=0.0, base_lr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05, schedule="cosine",
         warmup_epochs=40.0, min_lr=0.0, grad_clip=0.0))
     # Device mesh: data parallelism over every device; fsdp > 1 also splits the train state (FSDP / ZeRO-3) over
-    # groups of that many devices, for ViT-L/H. -1 takes the devices left over.
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # groups of that many devices, for ViT-L/H. -1 takes the devices left over. shard_optimizer: ZeRO-1 /
+    # weight-update sharding (Xu et al. 2020; big_vision's fsdp(axis="data")): the float32 parameters and the
+    # optimizer moments split over every device, each updating its slice; the step gathers the parameters in the
+    # compute dtype and reduce-scatters the gradients (the bytes of the all-reduce it replaces). See docs/scaling.md.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_optimizer=False))
     config.evals = ml_collections.ConfigDict()  # Encoder evaluators during pretraining, e.g. kNN (see eval_knn.py).
     config.nonfinite = "stop"  # Or "skip": drop non-finite updates and count them.
     config.log_every_steps = 100

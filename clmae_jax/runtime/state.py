@@ -6,9 +6,10 @@ import flax
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from clmae_jax.runtime.mesh import FSDP_AXIS
+from clmae_jax.runtime.mesh import DATA_AXIS, FSDP_AXIS
 
-# Leaves below this many elements stay replicated under FSDP: biases and norm scales (ViT-B: at most 3072).
+# Leaves below this many elements stay replicated when the state is split: biases and norm scales (ViT-B: at most
+# 3072).
 MIN_SHARD_SIZE = 2 ** 14
 
 
@@ -27,23 +28,44 @@ def tree_size(tree) -> int:
     return sum(x.size for x in jax.tree.leaves(tree))
 
 
-def fsdp_spec(shape: tuple, fsdp_size: int, min_shard_size: int) -> P:
-    """Splits the largest axis divisible by `fsdp_size` over the fsdp axis; small or indivisible leaves stay whole
-    (their all-gathers would cost more latency than they save memory)."""
-    if fsdp_size == 1 or math.prod(shape) < min_shard_size:
+def shard_axes(mesh_shape: dict, mesh_config=None) -> tuple:
+    """The mesh axes a large state leaf is split over: fsdp (FSDP over groups of config.mesh.fsdp devices), or with
+    config.mesh.shard_optimizer every axis, i.e. every device (ZeRO-1 / weight-update sharding). Empty: replicated."""
+    axes = (DATA_AXIS, FSDP_AXIS) if (mesh_config or {}).get("shard_optimizer", False) else (FSDP_AXIS,)
+    return tuple(a for a in axes if mesh_shape.get(a, 1) > 1)
+
+
+def leaf_spec(shape: tuple, mesh_shape: dict, mesh_config=None) -> P:
+    """Splits the largest axis divisible by the shard_axes' device count over them; small or indivisible leaves stay
+    whole (their collectives would cost more latency than they save memory)."""
+    axes = shard_axes(mesh_shape, mesh_config)
+    size = math.prod(mesh_shape[a] for a in axes)
+    if size == 1 or math.prod(shape) < (mesh_config or {}).get("min_shard_size", MIN_SHARD_SIZE):
         return P()
-    divisible = [axis for axis in range(len(shape)) if shape[axis] % fsdp_size == 0]
+    divisible = [axis for axis in range(len(shape)) if shape[axis] % size == 0]
     if not divisible:
         return P()
-    axis = max(divisible, key=lambda a: shape[a])
-    return P(*[FSDP_AXIS if a == axis else None for a in range(len(shape))])
+    split = max(divisible, key=lambda a: shape[a])
+    return P(*[(axes if len(axes) > 1 else axes[0]) if a == split else None for a in range(len(shape))])
 
 
 def state_sharding(mesh, abstract_state, mesh_config=None):
-    """Shardings of a train state: replicated on every device (data parallelism, fsdp axis of size 1), or FSDP /
-    ZeRO-3: every leaf of at least config.mesh.min_shard_size elements split over the fsdp axis, parameters and
-    optimizer moments alike (a moment has its parameter's shape, so it gets the same split)."""
-    fsdp_size = dict(mesh.shape).get(FSDP_AXIS, 1)
-    min_shard_size = (mesh_config or {}).get("min_shard_size", MIN_SHARD_SIZE)
-    return jax.tree.map(lambda leaf: NamedSharding(mesh, fsdp_spec(leaf.shape, fsdp_size, min_shard_size)),
+    """Shardings of a train state: replicated on every device (data parallelism), or split (`leaf_spec`): FSDP /
+    ZeRO-3 over the fsdp axis, or config.mesh.shard_optimizer over every device. Parameters and optimizer moments
+    are split alike (a moment has its parameter's shape), so each device updates its own slice of every large
+    parameter; the update steps gather the parameters for the forward pass (mesh.gathered) in the dtype the
+    computation reads them in, and the gradients are reduce-scattered to the slices (`like_state`)."""
+    shape = dict(mesh.shape)
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, leaf_spec(leaf.shape, shape, mesh_config)),
                         abstract_state)
+
+
+def like_state(tree, mesh_config=None):
+    """`tree` (gradients or updates: shaped like the parameters) split as the train state splits the parameters,
+    when traced under a mesh (mesh.traced_under); unchanged otherwise. Gradients constrained so are reduce-scattered
+    instead of all-reduced, and norms over them are taken on each device's slice."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return tree
+    shape = dict(mesh.shape)
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, leaf_spec(x.shape, shape, mesh_config)), tree)
