@@ -46,7 +46,7 @@ flags.DEFINE_integer("peer_timeout_s", 120, "Seconds a process waits for a silen
 flags.mark_flags_as_required(["workdir"])
 
 
-def config_of(argv) -> "ml_collections.ConfigDict | None":
+def config_of(argv):
     """The config that argv's --config=FILE[:variant] names, without the command line's overrides (None if it does
     not load)."""
     named = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")

@@ -32,8 +32,9 @@ def test_sincos_matches_mae_reference_layout():
 @pytest.mark.parametrize("ratio", [0.75, 0.6, 0.9])
 def test_random_masking_keeps_exactly_len_keep(ratio):
     tokens = jnp.arange(2 * 49 * 3, dtype=jnp.float32).reshape(2, 49, 3)
-    visible, mask, ids_restore = mae.random_masking(jax.random.PRNGKey(1), tokens, ratio)
-    k = int(49 * (1 - ratio))
+    k = mae.num_visible(49, ratio)  # Uniform noise as keep scores: MAE's random masking (clmae.random_masked_loss).
+    visible, mask, ids_restore = mae.topk_masking(tokens, jax.random.uniform(jax.random.PRNGKey(1), (2, 49)), k)
+    assert k == int(49 * (1 - ratio))
     chex.assert_shape(visible, (2, k, 3))
     np.testing.assert_array_equal(mask.sum(axis=1), [49 - k] * 2)
     for b in range(2):  # Visible tokens are exactly the unmasked positions.

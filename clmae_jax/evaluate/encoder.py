@@ -109,7 +109,3 @@ def feature_pool(eval_config, default: str) -> str:
         raise UserError(f"Unknown pool {kind!r} in config.evals; use one of {POOLS}.")
     return kind
 
-
-def jitted_features(encoder: Encoder, kind: str):
-    """jit of (params, images) -> [B, D] float32 features of pool `kind`."""
-    return jax.jit(lambda params, images: encoder.features(params, images)[kind])

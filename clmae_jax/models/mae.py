@@ -7,7 +7,6 @@ with the curriculum masking module; both share one mechanism.
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from clmae_jax.models.vit import Transformer, ViTEncoder, dense_init, sincos_2d
@@ -45,12 +44,6 @@ def topk_masking(tokens, keep_scores, num_keep: int):
     visible = jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
     mask = (ids_restore >= num_keep).astype(jnp.float32)
     return visible, mask, ids_restore
-
-
-def random_masking(rng, tokens, mask_ratio: float):
-    """MAE's per-sample random masking: uniform noise scores, keep the top int(L*(1-ratio))."""
-    noise = jax.random.uniform(rng, tokens.shape[:2])
-    return topk_masking(tokens, noise, num_visible(tokens.shape[1], mask_ratio))
 
 
 def patch_statistics(target):
