@@ -77,7 +77,8 @@ def test_unknown_config_key_is_one_clear_line(tmp_path):
     proc = run_main(str(tmp_path), CONFIG, "--config.batch_sizee=8", check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
-        'error: unknown config key on the command line: Did you mean "batch_size" instead of "batch_sizee"?')
+        "error: unknown config field --config.batch_sizee; did you mean --config.batch_size or "
+        "--config.model.patch_size?")
 
 
 @pytest.mark.slow

@@ -15,8 +15,7 @@ from clmae_jax.models.geometry import Geometry, check_same_encoder, config_geome
 from clmae_jax.models.vit import vit_size
 from clmae_jax.runtime.checkpoint import (is_run_folder, params_metadata, read_train_config, resolve_step_folder,
                                           restore_params)
-from clmae_jax.runtime import paths
-from clmae_jax.runtime.errors import MissingInputError, UserError
+from clmae_jax.runtime.errors import UserError
 
 ENCODER_KEYS = ("patch_embed", "cls_token", "encoder")
 
@@ -54,9 +53,7 @@ def foreign_encoder(path: str, geometry: dict, params) -> Encoder:
 
 
 def load_foreign_encoder(path: str) -> Encoder:
-    """A PyTorch / Hugging Face encoder through clmae_jax.interop."""
-    if not paths.exists(path):
-        raise MissingInputError(f"config.encoder.checkpoint={path} does not exist.")
+    """A PyTorch / Hugging Face encoder through clmae_jax.interop (a missing file: validate.check_weights)."""
     return foreign_encoder(path, *load_pretrained(path))
 
 
