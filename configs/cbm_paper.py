@@ -1,4 +1,4 @@
-"""CBM's paper experiments (Jarca et al., 2024), recipes from the official code (../shared/specs/cbm.md section 5).
+"""CBM's paper experiments (Jarca et al., 2024), recipes from the official code (github.com/CroitoruAlin/CBM).
 
     python main.py --config=configs/cbm_paper.py:resnet18,cifar100 --workdir=DIR
     python main.py --config=configs/cbm_resnet18_cifar100.py --workdir=DIR          # the same run

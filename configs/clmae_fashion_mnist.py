@@ -6,11 +6,11 @@ lambda_CL moves through 20 stages over the run (config.clmae.curriculum_stages) 
 epoch; the loss groups are 64 images (2 groups per batch of 128). About 8 minutes on 2 CPU cores.
 
 Variant 'adversarial' (not official) keeps the masking module's learning rate constant after its warm-up instead of
-following the MAE's cosine decay, so the module still moves in the adversary half. In the README's adversary study
-(issue 21; 200 steps in 10 stages) an MAE trained on random masks judges this run's masks harder than random and than
-their own inverse from step 160 to the end (1.05, 1.44, 1.58 x a random mask's loss), while the official recipe's end
-as hard as random (1.00); the run's own MAE, used to its masks, rates them below 1 throughout. Constant x 10 (also
-tried) moves faster but its final masks are no harder than their inverse.
+following the MAE's cosine decay, so the module still moves in the adversary half. In the adversary study
+(docs/results/fashion_mnist_clmae.md; 200 steps in 10 stages) an MAE trained on random masks judges this run's
+masks harder than random and than their own inverse from step 160 to the end (1.05, 1.44, 1.58 x a random mask's
+loss), while the official recipe's end as hard as random (1.00); the run's own MAE, used to its masks, rates them
+below 1 throughout. Constant x 10 (also tried) moves faster but its final masks are no harder than their inverse.
 """
 from configs import clmae_vitb, common, mae_fashion_mnist
 
