@@ -158,8 +158,7 @@ def make_eval_step(model, config):
 def masking_grids(config, images, rng, num_masked: int) -> dict:
     """Pictures of uint8 `images`: original | salience of each cell (white = most likely masked) | masked input."""
     probs, masked = cell_probabilities(config, images), masked_inputs(config, images, rng, num_masked)
-    heat = metrics.upsample_cells(probs / probs.max(axis=1, keepdims=True), images.shape[1])
-    heat = np.repeat(heat, images.shape[-1], axis=-1)
+    heat = metrics.heat_map(probs / probs.max(axis=1, keepdims=True), images.shape[1], images.shape[-1])
     std, mean = np.asarray(config.input.std), np.asarray(config.input.mean)
     columns = [np.asarray(images, np.float32) / 255.0, heat, np.asarray(masked) * std + mean]
     return {"cbm_masks": metrics.image_grid(columns, ("original", "salience", "masked input"))}

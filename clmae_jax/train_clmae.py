@@ -12,7 +12,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from clmae_jax import curriculum, losses, warm_start
@@ -197,7 +196,7 @@ def summary(model: CLMAE, config, params, images):
 
 def summary_grids(config, images, keep_prob, pred, mask) -> dict:
     """Pictures: inputs, keep-probability heat maps, learned masks and reconstructions, side by side."""
-    heat = np.repeat(metrics.upsample_cells(keep_prob, images.shape[1]), images.shape[-1], axis=-1)
+    heat = metrics.heat_map(keep_prob, images.shape[1], images.shape[-1])
     return {"keep_probability": metrics.image_grid([images / 255.0, heat], ("original", "keep probability")),
             "learned_mask_reconstruction": masking_columns(config, images, pred, mask)}
 

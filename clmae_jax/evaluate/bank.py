@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from clmae_jax.runtime import data, mesh as mesh_lib, paths
 
@@ -41,11 +41,6 @@ class Bank:
         return self.features.addressable_shards[0].data.shape[0]
 
 
-def row_sharding(mesh) -> NamedSharding:
-    """Rows split over every mesh axis, in jax.devices() order."""
-    return NamedSharding(mesh, P(tuple(mesh.axis_names)))
-
-
 def round_up(n: int, multiple: int) -> int:
     """Smallest multiple of `multiple` that is >= n."""
     return -(-n // multiple) * multiple
@@ -65,7 +60,7 @@ def zeros_maker(mesh, shapes: tuple):
     """A compiled maker of the zero arrays `shapes` ((name, shape, dtype), ...) laid out by rows over `mesh`; cached,
     so an evaluation that runs every epoch traces and compiles it once."""
     return jax.jit(lambda: {k: jnp.zeros(shape, dtype) for k, shape, dtype in shapes},
-                   out_shardings=row_sharding(mesh))
+                   out_shardings=mesh_lib.batch_sharding(mesh))
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
@@ -78,7 +73,7 @@ def write_rows(mesh, bank: dict, rows: dict, offset):
                 for k in bank}
 
     spec = {k: P(axes) for k in bank}
-    rows = jax.lax.with_sharding_constraint(rows, row_sharding(mesh))
+    rows = jax.lax.with_sharding_constraint(rows, mesh_lib.batch_sharding(mesh))
     return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, P()), out_specs=spec)(bank, rows, offset)
 
 
@@ -180,7 +175,7 @@ def load(folder: str, name: str, mesh) -> Bank | None:
         logging.warning("Cached features %s were written for another device layout; extracting again.", npz)
         return None
     arrays = np.load(io.BytesIO(paths.read_bytes(npz)))
-    sharding = row_sharding(mesh)
+    sharding = mesh_lib.batch_sharding(mesh)
     local_devices = sorted(sharding.addressable_devices_indices_map(
         (arrays["labels"].size * jax.process_count(),)).items(), key=lambda kv: kv[1][0].start)
     fields = {}

@@ -56,7 +56,7 @@ def subset_bank(features: jax.Array, labels: jax.Array, mesh) -> bank_lib.Bank:
     n = features.shape[0]
     rows = bank_lib.round_up(n, mesh.size)
     pad = lambda a: jnp.pad(a, [(0, rows - n)] + [(0, 0)] * (a.ndim - 1))
-    put = jax.jit(lambda a: pad(a), out_shardings=bank_lib.row_sharding(mesh))
+    put = jax.jit(lambda a: pad(a), out_shardings=mesh_lib.batch_sharding(mesh))
     valid = put(jnp.ones((n,), jnp.int32))
     return bank_lib.Bank(features=put(features), labels=put(labels), valid=valid, index=put(jnp.arange(n)),
                          num_examples=n)

@@ -93,6 +93,11 @@ def write_json(workdir: str, name: str, tree: dict):
     paths.write_text(paths.join(workdir, name), json.dumps(tree, indent=2))
 
 
+def heat_map(values, size: int, channels: int) -> np.ndarray:
+    """Per-cell values in [0, 1] ([B, g*g]) as [B, size, size, channels] pictures, white where a value is high."""
+    return np.repeat(upsample_cells(values, size), channels, axis=-1)
+
+
 def upsample_cells(values, size: int) -> np.ndarray:
     """Per-cell values [B, g*g] (row-major grid cells or patches) -> [B, size, size, 1] pixels, each cell a block."""
     values = np.asarray(values, np.float32)
