@@ -164,5 +164,4 @@ def stop_preempted(stopped):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
     app.run(main, flags_parser=parse_flags)

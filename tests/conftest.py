@@ -1,4 +1,4 @@
-"""Shared test set-up: the repo on sys.path, quiet TensorFlow, a persistent XLA cache, LLVM -O1, torchvision before
+"""Shared test set-up (pyproject.toml puts the repository on the path): quiet TensorFlow, a persistent XLA cache, LLVM -O1, torchvision before
 TensorFlow; the one way to run main.py in a subprocess (Main, run_main, in cpu_env), to share a reference run across
 xdist workers (shared_dir), to read a checkpoint (load_state) and to reach a GCS emulator (gcs)."""
 import contextlib
@@ -42,7 +42,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runs `python main.py ...` (argv[2:]) with every file it writes limited to argv[1] bytes.
 LIMITED = ("import os, resource, sys; limit = int(sys.argv[1]); "
            "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); os.execv(sys.argv[2], sys.argv[2:])")
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -54,7 +53,7 @@ def pytest_configure(config):
 
 def cpu_env(devices: int = 1, optimization: int = LLVM_OPTIMIZATION) -> dict:
     """The environment of a test subprocess: the CPU backend as `devices` fake devices, LLVM at -O`optimization`."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+    return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS=(
         f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level={optimization}"))
 
 

@@ -13,7 +13,8 @@ from conftest import ROOT
 from clmae_jax.runtime import validate
 
 DOCS = sorted([os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)])
-COMMAND = re.compile(r"python (main\.py|(?:bench|research)/\w+\.py|-m clmae_jax\.interop)((?: +--[^ \n\"`]+)*)")
+COMMAND = re.compile(r"python (main\.py|bench/\w+\.py|-m (?:research|tools|bench)\.\w+|-m clmae_jax\.interop)"
+                     r"((?: +--[^ \n\"`]+)*)")
 PLACEHOLDER = re.compile(r"NAME|MODEL|\[")  # configs/NAME.py[:variant], cbm_paper.py:MODEL,DATASET[,...]
 
 
@@ -33,10 +34,18 @@ def commands_in(document: str) -> list:
 
 
 def defined_flags(program: str) -> set:
-    """The flags a script defines: absl's DEFINE_* and argparse's add_argument, read from its source."""
-    source = text(os.path.join(ROOT, "clmae_jax/interop/__main__.py" if program.startswith("-m") else program))
-    return set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source)) | set(re.findall(r'add_argument\(\s*"--([\w-]+)"',
+    """The flags a script defines (absl's DEFINE_*, argparse's add_argument), read from its source and from the
+    sources of the bench / research / tools modules it imports (absl flags defined there are its flags too)."""
+    module = program.removeprefix("-m ")
+    file = "clmae_jax/interop/__main__.py" if module == "clmae_jax.interop" else (
+        module.replace(".", "/") + ".py" if program.startswith("-m") else program)
+    source = text(os.path.join(ROOT, file))
+    names = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source)) | set(re.findall(r'add_argument\(\s*"--([\w-]+)"',
                                                                               source))
+    for package, imported in re.findall(r"^from (bench|research|tools) import ([\w, ]+)$", source, re.M):
+        for name in imported.replace(" ", "").split(","):
+            names |= set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', text(os.path.join(ROOT, package, f"{name}.py"))))
+    return names
 
 
 def config_of(command: list):

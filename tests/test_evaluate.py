@@ -14,13 +14,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from clmae_jax.evaluate import bank as bank_lib, fewshot, knn, linear, load  # noqa: E402
-from clmae_jax.runtime import mesh as mesh_lib  # noqa: E402
-from clmae_jax.runtime.errors import UserError  # noqa: E402
-from conftest import Main, cpu_env, load_params, run_main, shared_dir, traces  # noqa: E402
+from clmae_jax.evaluate import bank as bank_lib, fewshot, knn, linear, load
+from clmae_jax.runtime import mesh as mesh_lib
+from clmae_jax.runtime.errors import UserError
+from conftest import ROOT, Main, cpu_env, load_params, run_main, shared_dir, traces
 
 NUM_CLASSES, DIM = 6, 12
 

@@ -385,9 +385,9 @@ def test_full_disk_while_saving_is_one_line_and_the_rerun_loses_nothing(tmp_path
 @pytest.mark.slow
 def test_second_run_on_a_workdir_is_refused_and_a_crashed_holder_is_taken_over(tmp_path):
     workdir = str(tmp_path / "locked")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from clmae_jax.runtime import lock; lock.acquire(sys.argv[2]); print('held', "
-                               "flush=True); time.sleep(600)", ROOT, workdir], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from clmae_jax.runtime import lock; "
+                               "lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(600)", workdir],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert holder.stdout.readline().strip() == "held"
     run = run_failing(workdir, MAE)
     assert run.last_line() == (f"error: --workdir={workdir} is in use by another run (pid {holder.pid} on "
@@ -407,9 +407,8 @@ def test_lock_refuses_a_live_holder_and_takes_over_from_a_dead_one(tmp_path):
     held.release()
     with lock.acquire(workdir):  # Released cleanly: free again.
         pass
-    crashed = subprocess.run([sys.executable, "-c", "import os, sys; sys.path.insert(0, sys.argv[1]); "
-                              "from clmae_jax.runtime import lock; lock.acquire(sys.argv[2]); "
-                              "os.kill(os.getpid(), 9)", ROOT, workdir])
+    crashed = subprocess.run([sys.executable, "-c", "import os, sys; from clmae_jax.runtime import lock; "
+                              "lock.acquire(sys.argv[1]); os.kill(os.getpid(), 9)", workdir], cwd=ROOT)
     assert crashed.returncode == -signal.SIGKILL
     with lock.acquire(workdir) as taken:
         assert taken.fd is not None

@@ -1,7 +1,7 @@
-"""How hard are a CL-MAE run's learned masks for an MAE that never trained on them? (issue 21)
+"""How hard are a CL-MAE run's learned masks for an MAE that never trained on them?
 
-    python bench/clmae_judge.py --judge=runs/mae_fmnist runs/clmae_a runs/clmae_b[/checkpoints/STEP] ...
-    python bench/clmae_judge.py --judge=runs/mae_fmnist --every_step --plot=judged.png runs/clmae_a runs/clmae_b
+    python -m research.clmae_judge --judge=runs/mae_fmnist runs/clmae_a runs/clmae_b[/checkpoints/STEP] ...
+    python -m research.clmae_judge --judge=runs/mae_fmnist --every_step --plot=judged.png runs/clmae_a runs/clmae_b
 
 A run's own `difficulty` (learned-mask loss / random-mask loss of its own MAE) is biased low: its MAE trains only on
 learned masks and grows used to them. Here an MAE trained on random masks (an MAE run of the same geometry) judges the
@@ -19,12 +19,11 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.charts import line_chart  # noqa: E402
-from clmae_jax.models.clmae import CLMAE  # noqa: E402
-from clmae_jax.runtime import checkpoint, data, loop  # noqa: E402
-from clmae_jax.runtime.metrics import read_scalars  # noqa: E402
-from clmae_jax.train_mae import random_masked_loss  # noqa: E402
+from clmae_jax.models.clmae import CLMAE
+from clmae_jax.runtime import checkpoint, data, loop
+from clmae_jax.runtime.metrics import read_scalars
+from clmae_jax.train_mae import random_masked_loss
+from tools.charts import line_chart
 
 flags.DEFINE_string("judge", None, "Workdir (or step folder) of an MAE run of the same geometry.", required=True)
 flags.DEFINE_integer("images", 512, "Un-augmented eval-split images to measure on.")

@@ -1,6 +1,6 @@
 """CL-MAE curriculum telemetry of a run, stage by stage: is the module a partner, then an adversary?
 
-    python bench/clmae_telemetry.py runs/clmae_fmnist [--json=bench/results/clmae_telemetry.json] [--plot=run.png]
+    python -m tools.clmae_telemetry runs/clmae_fmnist [--json=research/results/clmae_telemetry.json] [--plot=run.png]
 
 Reads the run's TensorBoard scalars and prints, per value of lambda_CL, the mean MAE loss under the learned mask
 and under a random mask of the same ratio (their ratio `difficulty`: < 1 partner, > 1 adversary), the size of each
@@ -9,15 +9,13 @@ difficulty against step beside lambda_CL, and per stage the fractions of saturat
 """
 import json
 import os
-import sys
 
 import numpy as np
 from absl import app, flags
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.charts import line_chart  # noqa: E402
-from clmae_jax.runtime.metrics import read_tags  # noqa: E402
+from clmae_jax.runtime.metrics import read_tags
+from tools.charts import line_chart
 
 flags.DEFINE_string("json", "", "Where to write the table as JSON (optional).")
 flags.DEFINE_string("plot", "", "Where to write the PNG of difficulty and saturation (optional).")

@@ -1,6 +1,6 @@
 """Do CBM's masked epochs leave BatchNorm statistics that do not fit unmasked test images?
 
-    python bench/cbm_bn_shift.py runs/cbm_sweep/cbm_s0 runs/cbm_sweep/baseline_s0 ... [--batches=100]
+    python -m research.cbm_bn_shift runs/cbm_sweep/cbm_s0 runs/cbm_sweep/baseline_s0 ... [--batches=100]
 
 BatchNorm's running mean and variance follow the inputs of the last few hundred training steps; in a CBM run those
 are masked images (mid-grey cells), while the test images are whole. For each run's newest checkpoint this measures
@@ -11,17 +11,13 @@ before with the same --batches are kept).
 """
 import itertools
 import os
-import sys
 
+import jax
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import sweeps  # noqa: E402
-from cbm_jax import train_supervised as cbm  # noqa: E402
-from clmae_jax.runtime import checkpoint, data  # noqa: E402
+from cbm_jax import train_supervised as cbm
+from clmae_jax.runtime import checkpoint, data
+from research import sweeps
 
 FLAGS = flags.FLAGS
 
@@ -66,5 +62,5 @@ def main(argv):
 
 if __name__ == "__main__":  # Flags only as a script (tests import the functions).
     flags.DEFINE_integer("batches", 100, "Unmasked training batches (of the run's batch size) to re-estimate on.")
-    flags.DEFINE_string("out", "bench/results/cbm_bn_shift.json", "Where the JSON goes.")
+    flags.DEFINE_string("out", "research/results/cbm_bn_shift.json", "Where the JSON goes.")
     app.run(main)

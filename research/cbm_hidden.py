@@ -1,6 +1,6 @@
 """How much of a Fashion-MNIST garment CBM's masks hide: salience-drawn against uniform cells, per mask count.
 
-    python bench/cbm_hidden.py [--images=4000] [--variants=,light]
+    python -m research.cbm_hidden [--images=4000] [--variants=,light]
 
 For each distinct cell count k of each configs/cbm_fashion_mnist.py variant's curriculum, draws k of the 16 cells of
 real training images with the training step's own sampler (Sobel salience, and uniform as the `:random` arm does)
@@ -8,22 +8,16 @@ and measures the share of the garment's ink (the pixel sum; the background is 0)
 the images. Also: cells per image that hold no ink and cells that salience gives zero weight. Table to stdout, JSON to
 --out.
 """
-import os
-import sys
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import sweeps  # noqa: E402
-
-from cbm_jax import train_supervised as cbm  # noqa: E402
-from cbm_jax.masking import num_masked_patches, patch_mask, sample_patches  # noqa: E402
-from clmae_jax.runtime import data  # noqa: E402
-from configs import cbm_fashion_mnist  # noqa: E402
+from cbm_jax import train_supervised as cbm
+from cbm_jax.masking import num_masked_patches, patch_mask, sample_patches
+from clmae_jax.runtime import data
+from configs import cbm_fashion_mnist
+from research import sweeps
 
 FLAGS = flags.FLAGS
 
@@ -73,5 +67,5 @@ if __name__ == "__main__":  # Flags only as a script (tests import the functions
     flags.DEFINE_integer("images", 4000, "Real training images (the first N of the train split).")
     flags.DEFINE_list("variants", ["", "light"], "configs/cbm_fashion_mnist.py variants whose mask counts to measure.")
     flags.DEFINE_integer("seed", 0, "Seed of the cell draws.")
-    flags.DEFINE_string("out", "bench/results/cbm_hidden.json", "Where the JSON goes.")
+    flags.DEFINE_string("out", "research/results/cbm_hidden.json", "Where the JSON goes.")
     app.run(main)

@@ -1,12 +1,12 @@
-"""CL-MAE against MAE over seeds, at equal epochs and at equal compute, every protocol (issue 21, part 2).
+"""CL-MAE against MAE over seeds, at equal epochs and at equal compute, every protocol.
 
-    python bench/clmae_sweep.py --out=runs/sweep --evals=knn,linear,fewshot,finetune   # what is missing
-    python bench/clmae_sweep.py --table                                                # the tables from the JSON
+    python -m research.clmae_sweep --out=runs/sweep --evals=knn,linear,fewshot,finetune   # what is missing
+    python -m research.clmae_sweep --table                                                # the tables from the JSON
 
 Arms: MAE, CL-MAE (official recipe), CL-MAE `:adversarial`, all for --epochs on Fashion-MNIST at one base lr, and MAE
 given the compute CL-MAE took (its epochs = --epochs x CL-MAE / MAE pretraining CPU seconds, mean over the seeds and
 CL-MAE arms that have both; CPU seconds, not wall, so a run sharing the machine with other work still measures its own
-cost). Every pretraining and protocol runs as a user runs it (`main.py`, through bench/compare_encoders.py's commands)
+cost). Every pretraining and protocol runs as a user runs it (`main.py`, through tools/compare_encoders.py's commands)
 in --out/<arm>_s<seed>/, so a rerun resumes a stopped run and skips finished ones; each result goes into --json as
 soon as it exists. The table gives mean ± sample std over the seeds done (n per cell); a second one gives each arm's
 difference from MAE's (at --epochs) and whether it exceeds the seed spread.
@@ -21,13 +21,11 @@ import time
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compare_encoders  # noqa: E402
-import sweeps  # noqa: E402
+from configs import clmae_fashion_mnist
+from research import sweeps
+from tools import compare_encoders
 
 ROOT = compare_encoders.ROOT
-sys.path.insert(0, ROOT)
-from configs import clmae_fashion_mnist  # noqa: E402
 
 # Every arm at CL-MAE's base learning rate (the MAE quickstart's is 1.5e-3), so the arms differ only in masking.
 BASE_LR = clmae_fashion_mnist.get_config().optimizer.base_lr
@@ -162,7 +160,7 @@ def main(argv):
 
 
 if __name__ == "__main__":  # Flags only as a script (tests import the tables); --out, --evals: compare_encoders'.
-    flags.DEFINE_string("json", os.path.join(ROOT, "bench", "results", "clmae_sweep.json"), "Where results land.")
+    flags.DEFINE_string("json", os.path.join(ROOT, "research", "results", "clmae_sweep.json"), "Where results land.")
     flags.DEFINE_list("arms", list(ARMS), f"Arms, from {', '.join(ARMS)}.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Pretraining seeds.")
     flags.DEFINE_integer("epochs", 5, "Pretraining epochs of every arm but mae_equal_compute.")

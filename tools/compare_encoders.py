@@ -1,6 +1,6 @@
 """Every evaluation protocol on several pretrained encoders (and the raw-pixel baseline), one table.
 
-    python bench/compare_encoders.py runs/mae_fmnist runs/clmae_fmnist --evals=knn,linear,fewshot,finetune
+    python -m tools.compare_encoders runs/mae_fmnist runs/clmae_fmnist --evals=knn,linear,fewshot,finetune
 
 Each protocol runs as a user would run it, `python main.py --config=configs/eval_<protocol>.py` (fine-tuning:
 configs/finetune_<dataset>.py with model.init_from), in --out/<encoder>/<protocol>, so reruns resume and skip what

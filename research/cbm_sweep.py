@@ -1,8 +1,8 @@
-"""CBM against its baseline and random masking over seeds, on Fashion-MNIST (issue 21, part 3).
+"""CBM against its baseline and random masking over seeds, on Fashion-MNIST.
 
-    python bench/cbm_sweep.py --lanes=2      # what is missing, two runs at a time, each on its own core
-    python bench/cbm_sweep.py --table        # the table from the JSON
-    python bench/cbm_sweep.py --table --json=J --epochs=5,10,30   # a long sweep's per-epoch table, some epochs
+    python -m research.cbm_sweep --lanes=2      # what is missing, two runs at a time, each on its own core
+    python -m research.cbm_sweep --table        # the table from the JSON
+    python -m research.cbm_sweep --table --json=J --epochs=5,10,30   # a long sweep's per-epoch table, some epochs
 
 Arms (configs/cbm_fashion_mnist.py variants): the baseline (never masked), CBM (salience, linear repeat "40": 1, 2,
 3, 4, 6 of 16 cells), random (uniform cells, same curriculum) and CBM light (salience, 1, 1, 2, 3, 4 cells). Every
@@ -22,12 +22,10 @@ import time
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sweeps  # noqa: E402
+from clmae_jax.runtime import metrics
+from research import sweeps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from clmae_jax.runtime import metrics  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "cbm_fashion_mnist.py")
 ARMS = {"baseline": ":baseline", "cbm": "", "random": ":random", "cbm_light": ":light"}  # name -> variant
@@ -151,7 +149,7 @@ def main(argv):
 
 
 if __name__ == "__main__":  # Flags only as a script (tests import the tables).
-    flags.DEFINE_string("json", os.path.join(ROOT, "bench", "results", "cbm_sweep.json"), "Where results land.")
+    flags.DEFINE_string("json", os.path.join(ROOT, "research", "results", "cbm_sweep.json"), "Where results land.")
     flags.DEFINE_string("out", os.path.join(ROOT, "runs", "cbm_sweep"), "Run folders, <arm>_s<seed> each.")
     flags.DEFINE_list("arms", list(ARMS), f"Arms, from {', '.join(ARMS)}.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")

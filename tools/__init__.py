@@ -1,0 +1,1 @@
+"""Tools a user runs on finished runs (python -m tools.NAME): encoder comparisons, curriculum telemetry, charts."""
