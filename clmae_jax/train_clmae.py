@@ -58,7 +58,7 @@ def switch_step(config, budget) -> int:
 def masker_lr_schedule(config, budget, mae_schedule) -> optax.Schedule:
     """The module's learning rate: the MAE's ('follow'), its peak after the same warm-up ('constant'), or the MAE's
     until the switch to lambda_CL < 0, then the MAE's schedule afresh (warm-up, cosine) over the rest ('rewarm')."""
-    name = config.clmae.get("masker_lr_schedule", "follow")
+    name = config.clmae.masker_lr_schedule
     if name == "follow":
         return mae_schedule
     peak = budget.learning_rate()[0]
@@ -164,7 +164,7 @@ def make_steps(model: CLMAE, tx, lr_schedule, config, masker_schedule=None):
                                                        config.grad_accum_steps, config.get("mesh"))
         lr = lr_schedule(state.step)
         # masker_lr_scale (not in the official recipe, default 1) lets the module's step move faster than the MAE's.
-        masker_lr = masker_schedule(state.step) * config.clmae.get("masker_lr_scale", 1.0)
+        masker_lr = masker_schedule(state.step) * config.clmae.masker_lr_scale
         state = apply_update(tx, state, "masker", grads, masker_lr, config.clmae.freeze)
         measurements = {"masker_loss": loss, "masker_grad_norm": optax.tree.norm(grads),
                         "lambda_cl": lambda_curriculum, "learning_rate": lr, "masker_learning_rate": masker_lr,

@@ -22,13 +22,13 @@ def build_mae(config) -> MaskedAutoencoder:
     return MaskedAutoencoder(patch_size=m.patch_size, **vit_size(m.size), decoder_width=m.decoder_width,
                              decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
                              channels=config.input.channels, dtype=jnp.dtype(m.dtype),
-                             attention=m.get("attention", "einsum"), remat=m.get("remat", False))
+                             attention=m.attention, remat=m.remat)
 
 
 def stored_params(params, config):
     """`params` in config.model.param_dtype: float32, or bfloat16 to halve parameter and AdamW-moment memory (the
     update itself is then rounded to bfloat16; compute runs in config.model.dtype either way)."""
-    dtype = jnp.dtype(config.model.get("param_dtype", "float32"))
+    dtype = jnp.dtype(config.model.param_dtype)
     return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
@@ -53,9 +53,8 @@ def build_masker(config) -> CurriculumMasker:
     (config.model); its 4 heads are 192 to 320 wide, so cuDNN's fused attention takes ViT-B's and ViT-L's only."""
     m = config.model
     return CurriculumMasker(depth=config.clmae.masker_depth, num_heads=config.clmae.masker_heads,
-                            temperature=config.clmae.get("masker_temperature", 1.0),
-                            logit_bound=config.clmae.get("masker_logit_bound", 0.0), dtype=jnp.dtype(m.dtype),
-                            attention=m.get("attention", "einsum"), remat=m.get("remat", False))
+                            temperature=config.clmae.masker_temperature, logit_bound=config.clmae.masker_logit_bound,
+                            dtype=jnp.dtype(m.dtype), attention=m.attention, remat=m.remat)
 
 
 class CLMAE:

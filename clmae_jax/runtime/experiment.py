@@ -56,7 +56,7 @@ class Experiment:
     def compile_step(self, step_fn, static_argnums=()):
         """jit of an update step `(state, batch, ...) -> (state, measurements)`: state donated and kept in its
         sharding; with config.nonfinite='skip' a non-finite update is dropped (see loop.skip_nonfinite)."""
-        if self.config.get("nonfinite", "stop") == "skip":
+        if self.config.nonfinite == "skip":
             step_fn = loop.skip_nonfinite(step_fn)
         return jax.jit(mesh_lib.traced_under(self.mesh, step_fn), donate_argnums=0, static_argnums=static_argnums,
                        out_shardings=(self.state_sharding, self.replicated))
@@ -77,7 +77,7 @@ class Experiment:
     @functools.cached_property
     def evaluators(self) -> list:
         """Evaluators of config.evals: objects with `every_steps`, `best_key` and `run(state) -> scalars`."""
-        return [self.make_evaluator(name, c) for name, c in sorted(self.config.get("evals", {}).items())]
+        return [self.make_evaluator(name, c) for name, c in sorted(self.config.evals.items())]
 
     def make_evaluator(self, name: str, eval_config):
         """The evaluator config.evals.<name> asks for; subclasses that evaluate define it."""

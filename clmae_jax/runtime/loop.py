@@ -27,7 +27,7 @@ def step_budget(config, num_train_examples: int) -> tuple[int, int]:
     steps_per_epoch = num_train_examples // config.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"config.batch_size={config.batch_size} exceeds the {num_train_examples} training examples.")
-    total = config.total_steps if config.get("total_steps", 0) > 0 else config.num_epochs * steps_per_epoch
+    total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
     return steps_per_epoch, total
 
 
@@ -230,7 +230,7 @@ class Run:
 
     def last_step(self) -> int:
         """Where this invocation stops: the end of training, or earlier when config.stop_after_steps asks."""
-        stop = self.config.get("stop_after_steps", 0)
+        stop = self.config.stop_after_steps
         total = self.budget.total_steps
         return min(total, stop) if stop > 0 else total
 
@@ -305,7 +305,7 @@ def train(config, workdir: str, experiment_cls):
     run_config.record(config, workdir, start)  # Only now: the checkpoint was found to be this config's.
     logging.info("%s; starting at step %d of %d", experiment.describe(state), start, run.budget.total_steps)
 
-    health, last = Health(config.get("nonfinite", "stop")), run.last_step()
+    health, last = Health(config.nonfinite), run.last_step()
     progress, timer = metrics.progress(run.budget.total_steps, run.writer, config.log_every_steps), StepTimer(start)
     # Held by name: the unwinding of a preemption must not destroy the tf.data iterator (tens of seconds at times,
     # past a preemption's grace period); main.py exits without tearing it down.
