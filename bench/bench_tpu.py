@@ -119,10 +119,11 @@ def analytic_flops(config) -> float:
 
 
 def summarise(config, chip, per_chip_batch: int, rows: dict, num_chips: int) -> dict:
-    """The run's figures: the training programs of one iteration added up, images/s per chip, MFU without and with
-    the collectives left unoverlapped (None, "incomplete", when a program holds unpriced work), wall-clock."""
+    """The run's figures: the training programs of one iteration added up (each program's estimate, never below its
+    HBM floor), images/s per chip, MFU without and with the collectives left unoverlapped (None, "incomplete", when
+    a program holds unpriced work), wall-clock."""
     training = [rows[name] for name in TRAINING if name in rows]
-    seconds = sum(r["estimated_seconds"] for r in training)
+    seconds = sum(r["bounded_seconds"] for r in training)
     collective_seconds = sum(r["collective_seconds"] for r in training)
     model_flops = analytic_flops(config) * per_chip_batch
     xla_flops = sum(r["xla_flops_per_chip"] for r in training)

@@ -112,7 +112,7 @@ def dot_flops(line: str, table: dict) -> float:
 
 def window_field(line: str, key: str, count: int, default: int) -> list:
     """One field of a convolution's window (e.g. 'stride=15x11'), one number per spatial dimension."""
-    found = re.search(rf"window=\{{[^}}]*\b{key}=([\dx_]+)", line)
+    found = re.search(rf"window=\{{[^}}]*\b{key}=([-\dx_]+)", line)  # Pads may be negative: crops.
     return [[int(v) for v in part.split("_")] if "_" in part else int(part)
             for part in found.group(1).split("x")] if found else [default] * count
 

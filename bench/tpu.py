@@ -120,11 +120,12 @@ def tuple_elements(text: str) -> list:
 
 def group_size(line: str) -> int:
     """Devices in each replica group of a collective: 'replica_groups={{0,1},{2,3}}', '[2,4]<=[8]' (iota: groups,
-    size) or "mesh['axis_0'=4,'axis_1'=2] {'axis_0'}" (the product of the named axes)."""
-    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    size) or "mesh['axis_0'=4,'axis_1'=2][, device_ids=([2,4]T(1,0))] {'axis_0'}" (the product of the named
+    axes)."""
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\S*\))?(?: \{([^}]*)\})?", line)
     if mesh:
-        sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
-        return int(np.prod([int(sizes[a]) for a in re.findall(r"'([^']+)'", mesh.group(2))] or [1]))
+        sizes = {a: int(n) for a, n in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
+        return int(np.prod([sizes[a] for a in re.findall(r"'([^']+)'", mesh.group(2) or "")] or [1]))
     iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
     if iota:
         return int(iota.group(2))
@@ -134,12 +135,33 @@ def group_size(line: str) -> int:
     return 2 if "source_target_pairs=" in line else 1
 
 
+WRAPPER = re.compile(r"\b(?:transpose|jvp|checkpoint|remat)\(")
+
+
+def unwrap(path: str) -> str:
+    """`path` without JAX's differentiation and remat wrappers, however deeply nested: 'transpose(jvp(vmap(jit(
+    cumsum))))/x' -> 'vmap(jit(cumsum))/x' (each wrapper's own parentheses go, all others stay)."""
+    kept, wrappers, i = [], [], 0
+    while i < len(path):
+        wrapper = WRAPPER.match(path, i)
+        if wrapper:
+            wrappers.append(True)
+            i = wrapper.end()
+            continue
+        if path[i] == "(":
+            wrappers.append(False)
+        elif path[i] == ")" and wrappers and wrappers.pop():
+            i += 1
+            continue
+        kept.append(path[i])
+        i += 1
+    return "".join(kept)
+
+
 def op_path(op_name: str) -> str:
     """A JAX op_name shortened to where it comes from, the same for every block: 'jit(train_step)/transpose(jvp(
     MaskedAutoencoder))/.../block3/attn/qkv/dot_general' -> '.../block*/attn/qkv/dot_general'."""
-    path = re.sub(r"^jit\([^)]*\)/", "", op_name)
-    while re.search(r"\b(?:transpose|jvp|checkpoint|remat)\(", path):
-        path = re.sub(r"\b(?:transpose|jvp|checkpoint|remat)\(([^()]*(?:\([^()]*\))*[^()]*)\)", r"\1", path)
+    path = unwrap(re.sub(r"^jit\([^)]*\)/", "", op_name))
     parts = [p for p in re.sub(r"\bblock\d+\b", "block*", path).split("/") if p]
     return "/".join(parts[-4:]) or "(no op_name)"
 
@@ -316,6 +338,11 @@ def accounting(text: str, chip_: "Chip", top: int = 15) -> dict:
         breakdown[key] = breakdown.get(key, 0.0) + r["seconds"] / (seconds or 1.0)
     kinds = by_kind(collectives(text), chip_)
     copies = of("async")
+    # What HBM alone needs for the bytes moved to and from it (the priced ops' HBM operands and results, and every
+    # asynchronous copy): a floor the estimate is never let below (bounded_seconds), so bytes moved from fusions
+    # into DMAs cannot look free.
+    floor = (sum(r["hbm_bytes"] for r in priced) + sum(r["bytes"] for r in copies)) / chip_.per_device(
+        chip_.hbm_bandwidth)
     return {
         "estimated_cycles": sum(r["cycles"] for r in of("compiler")),
         "compiler_seconds": sum(r["seconds"] for r in of("compiler")),
@@ -326,6 +353,7 @@ def accounting(text: str, chip_: "Chip", top: int = 15) -> dict:
                          "seconds_at_hbm_bandwidth": sum(r["bytes"] for r in copies)
                          / chip_.per_device(chip_.hbm_bandwidth)},
         "hbm_bytes": sum(r["hbm_bytes"] for r in priced),
+        "hbm_floor_seconds": floor, "bounded_seconds": max(seconds, floor),
         "matmul_flops": sum(r["flops"] for r in rows),
         "unpriced": [{k: r[k] for k in ("name", "opcode", "target", "op", "flops", "bytes", "trips")}
                      for r in of("unpriced")],

@@ -37,7 +37,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.mae = ml_collections.ConfigDict(dict(mask_ratio=0.75, norm_pix_loss=True))
     config.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=0.0, base_lr=1.5e-4, b1=0.9, b2=0.95, weight_decay=0.05, schedule="cosine",
-        warmup_epochs=40.0, min_lr=0.0, grad_clip=0.0))
+        warmup_epochs=40.0, min_lr=0.0, grad_clip=0.0, mu_dtype=""))  # mu_dtype: see runtime/optim.py.
     # Device mesh: data parallelism over every device; fsdp > 1 also splits the train state (FSDP / ZeRO-3) over
     # groups of that many devices, for ViT-L/H. -1 takes the devices left over. shard_optimizer: ZeRO-1 /
     # weight-update sharding (Xu et al. 2020; big_vision's fsdp(axis="data")): the float32 parameters and the

@@ -1,5 +1,5 @@
-"""FSDP (sharded TrainState) against replicated data parallelism on 8 fake CPU devices: the same losses and
-parameters for the MAE step and both CL-MAE steps, checkpoints that restore into either layout, and gradient
+"""FSDP and ZeRO-1 (sharded TrainState) against replicated data parallelism on 8 fake CPU devices: the same losses
+and parameters for the MAE step and both CL-MAE steps, checkpoints that restore into any layout, and gradient
 accumulation whose micro-batches stay spread over all devices.
 
 The 8-device work runs once, in a subprocess (XLA's device count is fixed at start-up), and reports numbers; the
@@ -18,7 +18,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8
-LAYOUTS = {"replicated": {"data": -1, "fsdp": 1}, "fsdp8": {"data": 1, "fsdp": 8}, "data2_fsdp4": {"data": 2, "fsdp": 4}}
+LAYOUTS = {"replicated": {"data": -1, "fsdp": 1}, "fsdp8": {"data": 1, "fsdp": 8}, "data2_fsdp4": {"data": 2, "fsdp": 4},
+           "zero1": {"data": -1, "fsdp": 1, "shard_optimizer": True}}
+CHECKPOINT_LAYOUTS = ("replicated", "fsdp8", "zero1")
 MIN_SHARD_SIZE = 1024  # Small enough that the test models' matrices are sharded.
 
 
@@ -96,7 +98,7 @@ def checkpoint_round_trips() -> dict:
     """Max difference of a CL-MAE state saved in one layout and restored into another, for every pair."""
     import jax
     from clmae_jax.runtime import checkpoint
-    experiments = {layout: experiment_for("clmae", layout) for layout in ("replicated", "fsdp8")}
+    experiments = {layout: experiment_for("clmae", layout) for layout in CHECKPOINT_LAYOUTS}
     batch, result = global_batch(16), {}
     for saved_layout, saver in experiments.items():
         state, _ = saver.mae_step(saver.create_train_state(), batch)
@@ -127,7 +129,8 @@ def main():
     import jax
     assert jax.device_count() == DEVICES, jax.devices()
     # The 2-D (data, fsdp) mesh is checked on the MAE step only: CL-MAE's steps shard the same way.
-    print(json.dumps({"mae": compare_layouts("mae", ("fsdp8", "data2_fsdp4")), "clmae": compare_layouts("clmae", ("fsdp8",)),
+    print(json.dumps({"mae": compare_layouts("mae", ("fsdp8", "data2_fsdp4", "zero1")),
+                      "clmae": compare_layouts("clmae", ("fsdp8", "zero1")),
                       "checkpoints": checkpoint_round_trips(), "accumulation": accumulation_batch_dims()}))
 
 
@@ -149,13 +152,14 @@ def test_fsdp_matches_replicated(measured, name):
         assert result["history"] < 1e-5 and result["state"] < 1e-5, (layout, result)
     assert measured[name]["replicated"]["shard_fraction"] == 1.0
     assert measured[name]["fsdp8"]["shard_fraction"] == pytest.approx(1 / 8)
+    assert measured[name]["zero1"]["shard_fraction"] == pytest.approx(1 / 8)  # Every device updates 1/8 of it.
     if name == "mae":
         assert measured[name]["data2_fsdp4"]["shard_fraction"] == pytest.approx(1 / 4)
 
 
 @pytest.mark.slow
 def test_checkpoints_restore_into_either_layout(measured):
-    assert set(measured["checkpoints"]) == {f"{a}->{b}" for a in ("replicated", "fsdp8") for b in ("replicated", "fsdp8")}
+    assert set(measured["checkpoints"]) == {f"{a}->{b}" for a in CHECKPOINT_LAYOUTS for b in CHECKPOINT_LAYOUTS}
     for pair, result in measured["checkpoints"].items():
         assert result["diff"] == 0.0 and result["sharding_as_template"], (pair, result)
 

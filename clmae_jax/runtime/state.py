@@ -36,8 +36,10 @@ def shard_axes(mesh_shape: dict, mesh_config=None) -> tuple:
 
 
 def leaf_spec(shape: tuple, mesh_shape: dict, mesh_config=None) -> P:
-    """Splits the largest axis divisible by the shard_axes' device count over them; small or indivisible leaves stay
-    whole (their collectives would cost more latency than they save memory)."""
+    """Splits one axis divisible by the shard_axes' device count over them, the largest of those whose slices are
+    whole TPU tiles (multiples of 128 along the last axis, of 8 along another) if any: the TPU compiler all-reduces
+    a zero-padded whole array where a reduce-scatter or an all-gather would move slices that are not (twice the
+    bytes). Small or indivisible leaves stay whole (their collectives would cost more latency than they save)."""
     axes = shard_axes(mesh_shape, mesh_config)
     size = math.prod(mesh_shape[a] for a in axes)
     if size == 1 or math.prod(shape) < (mesh_config or {}).get("min_shard_size", MIN_SHARD_SIZE):
@@ -45,7 +47,8 @@ def leaf_spec(shape: tuple, mesh_shape: dict, mesh_config=None) -> P:
     divisible = [axis for axis in range(len(shape)) if shape[axis] % size == 0]
     if not divisible:
         return P()
-    split = max(divisible, key=lambda a: shape[a])
+    tiled = [a for a in divisible if (shape[a] // size) % (128 if a == len(shape) - 1 else 8) == 0]
+    split = max(tiled or divisible, key=lambda a: shape[a])
     return P(*[(axes if len(axes) > 1 else axes[0]) if a == split else None for a in range(len(shape))])
 
 
