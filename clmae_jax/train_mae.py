@@ -1,6 +1,7 @@
 """MAE pretraining (He et al., 2021): random masking, one jitted update step over the device mesh."""
 import jax
 import jax.numpy as jnp
+import optax
 
 from clmae_jax import warm_start
 from clmae_jax.models.clmae import build_mae, init_params, random_masked_loss
@@ -24,7 +25,7 @@ def make_train_step(model, tx, lr_schedule, config):
         (loss, _), grads = loop.accumulate_gradients(loss_and_grad, state.params, batch, rng,
                                                      config.grad_accum_steps, config.get("mesh"))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = jax.tree.map(jnp.add, state.params, updates)
+        params = optax.apply_updates(state.params, updates)
         measurements = {"loss": loss, "learning_rate": lr_schedule(state.step), **loop.norms(grads, params, updates)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), measurements
 
