@@ -93,10 +93,11 @@ NO_WORK = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "pa
 ASYNC_COPIES = ("copy-start", "slice-start")
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 # Custom calls the TPU compiler itself emits: naming slices it placed side by side as one array (no data moves),
-# starting and ending a collective it fused with compute, packing a gather's indices. Any other target (a Mosaic /
-# Pallas kernel, anything new) does work the compiler states no cost for: unpriced.
+# starting and ending a collective it fused with compute, packing a gather's indices, marking them in bounds. A
+# fusion holding only these is a standard op (priced by the fallback if it has no cycles). Any other target (a
+# Mosaic / Pallas kernel, anything new) does work the compiler states no cost for: unpriced.
 COMPILER_CUSTOM_CALLS = ("ConcatBitcast", "AsyncCollectiveStart", "AsyncCollectiveDone",
-                         "GatherScatterIndicesBitpacked")
+                         "GatherScatterIndicesBitpacked", "AssumeGatherIndicesInBound")
 # Bytes a chip sends in a bandwidth-optimal (ring) collective over a group of n devices, as a multiple of the whole
 # array's bytes: an all-reduce is a reduce-scatter followed by an all-gather, hence twice the others.
 RING_FACTOR = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,

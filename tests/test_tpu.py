@@ -144,6 +144,18 @@ def test_op_path_drops_differentiation_wrappers_at_any_depth():
     assert tpu.op_path("jit(s)/jvp(unclosed/x") == "unclosed/x"
 
 
+def test_a_gather_the_compiler_marks_in_bounds_is_priced_not_unpriced():
+    # CL-MAE's masker step gathers with indices the compiler marks by its own custom call
+    # (AssumeGatherIndicesInBound); that is a standard gather, not a kernel of unknown cost.
+    sharding = jax.sharding.SingleDeviceSharding(tpu.topology_devices(TOPOLOGY)[0])
+    table = jax.ShapeDtypeStruct((4096, 512), jnp.float32, sharding=sharding)
+    rows = jax.ShapeDtypeStruct((8, 1024), jnp.int32, sharding=sharding)
+    program = jax.jit(lambda x, i: jax.vmap(lambda r: x.at[r].get(mode="promise_in_bounds"))(i).sum())
+    compiled, figures = tpu.compile_program(program, table, rows, chip_=tpu.chip(TOPOLOGY))
+    assert "AssumeGatherIndicesInBound" in compiled.as_text()
+    assert figures["unpriced"] == [] and figures["estimated_seconds"] > 0
+
+
 def test_an_all_reduce_is_priced_by_the_ring_model_over_its_group():
     devices = tpu.topology_devices(TOPOLOGY)
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
