@@ -32,6 +32,17 @@ def test_weight_decay_skips_biases_and_norm_scales():
     assert float(jnp.abs(updates["norm"]["scale"]).max()) == 0
 
 
+@pytest.mark.parametrize("mu_dtype,stored", [("", jnp.float32), ("bfloat16", jnp.bfloat16)])
+def test_mu_dtype_stores_only_the_first_moment_in_it_and_updates_stay_float32(mu_dtype, stored):
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)}
+    tx = optim.make_optimizer(recipe(mu_dtype=mu_dtype), optax.constant_schedule(1e-3))
+    state = tx.init(params)
+    moments = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
+    assert [(m.mu["w"].dtype, m.nu["w"].dtype) for m in moments] == [(stored, jnp.float32)]
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert updates["w"].dtype == jnp.float32 and optax.apply_updates(params, updates)["w"].dtype == jnp.float32
+
+
 def test_no_decay_names_exempt_whole_subtrees_as_mae_fine_tuning():
     params = {"cls_token": {"cls": jnp.ones((1, 1, 4))}, "pos_embed": {"table": jnp.ones((5, 4))},
               "head": {"kernel": jnp.ones((4, 2))}}

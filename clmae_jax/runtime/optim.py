@@ -18,6 +18,7 @@ def learning_rate(config, global_batch_size: int) -> float:
 
 OPTIMIZERS = ("adamw", "sgd", "adamax")
 LR_SCHEDULES = ("cosine", "step", "constant")
+MU_DTYPES = ("", "float32", "bfloat16")  # AdamW's first moment: "" keeps the parameters' dtype.
 
 
 def schedule(config, peak_lr: float, steps_per_epoch: int, total_steps: int) -> optax.Schedule:

@@ -37,9 +37,9 @@ def shard_axes(mesh_shape: dict, mesh_config=None) -> tuple:
 
 def leaf_spec(shape: tuple, mesh_shape: dict, mesh_config=None) -> P:
     """Splits one axis divisible by the shard_axes' device count over them, the largest of those whose slices are
-    whole TPU tiles (multiples of 128 along the last axis, of 8 along another) if any: the TPU compiler all-reduces
-    a zero-padded whole array where a reduce-scatter or an all-gather would move slices that are not (twice the
-    bytes). Small or indivisible leaves stay whole (their collectives would cost more latency than they save)."""
+    whole TPU tiles (multiples of 128 along the last axis, of 8 along another) if any, so that a TPU can
+    reduce-scatter and all-gather the slices without padding them. Small or indivisible leaves stay whole (their
+    collectives would cost more latency than they save)."""
     axes = shard_axes(mesh_shape, mesh_config)
     size = math.prod(mesh_shape[a] for a in axes)
     if size == 1 or math.prod(shape) < (mesh_config or {}).get("min_shard_size", MIN_SHARD_SIZE):

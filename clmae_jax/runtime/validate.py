@@ -21,6 +21,7 @@ NAMES = {  # Field -> accepted values, as the module that reads the field define
     "input.eval_transform": data.EVAL_TRANSFORMS,
     "optimizer.name": optim.OPTIMIZERS,
     "optimizer.schedule": optim.LR_SCHEDULES,
+    "optimizer.mu_dtype": optim.MU_DTYPES,
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.pos_embed": POSITION_EMBEDDINGS,
     "model.param_dtype": ("float32", "bfloat16"),
