@@ -28,6 +28,7 @@ SLICES = ("v4-128", "v5e-256", "v5p-128", "v6e-256")
 RUNS = {
     **{f"mae_vitb_{s}": ("configs/mae_vitb.py", s, {}, {}) for s in SLICES},
     **{f"mae_vitb_{s}_zero1": ("configs/mae_vitb.py", s, ZERO1, {}) for s in SLICES},
+    "mae_vitb_v5e-256_zero1_mu_bf16": ("configs/mae_vitb.py", "v5e-256", {**ZERO1, "optimizer.mu_dtype": "bfloat16"}, {}),
     "mae_vitb_v5e-256_fsdp4": ("configs/mae_vitb.py", "v5e-256", {"mesh.fsdp": 4}, {}),
     "mae_vitb_v4-128_remat": ("configs/mae_vitb.py", "v4-128", {"model.remat": True}, {}),
     "mae_vitl_v3-128": ("configs/mae_vitb.py", "v3-128", LARGE, {}),
@@ -74,6 +75,8 @@ def layout(config: dict) -> str:
     mesh, words = config.get("mesh", {}), []
     if mesh.get("shard_optimizer"):
         words.append("ZeRO-1 (`mesh.shard_optimizer`)")
+    if config["optimizer"].get("mu_dtype"):
+        words.append(f"`optimizer.mu_dtype={config['optimizer']['mu_dtype']}`")
     if mesh.get("fsdp", 1) > 1:
         words.append(f"`mesh.fsdp={mesh['fsdp']}`")
     if config["model"].get("remat"):
