@@ -143,11 +143,6 @@ def summarise(config, chip, per_chip_batch: int, rows: dict, num_chips: int) -> 
             "schedule_hours": total_steps * seconds / 3600, "num_chips": num_chips}
 
 
-def percent(value) -> str:
-    """An MFU for a table: a percentage, or 'incomplete' where unpriced work left it undefined."""
-    return "incomplete" if value is None else f"{100 * value:.1f}%"
-
-
 def print_table(topology: str, chip, run: dict, rows: dict, top: int = 10):
     """One line per program, the run's summary, and each training program's costliest work."""
     print(f"\n{topology}: {run['num_chips']} chips of TPU {chip.kind} ({chip.bf16_tflops:.0f} bf16 TFLOP/s, "
@@ -166,8 +161,8 @@ def print_table(topology: str, chip, run: dict, rows: dict, top: int = 10):
               f"{coll or '-'} | {r['compile_seconds']:.0f} |")
     print(f"iteration: {run['iteration_estimated_seconds'] * 1e3:.1f} ms (est.) + "
           f"{run['iteration_collective_seconds'] * 1e3:.1f} ms of collectives if none overlapped, "
-          f"{run['images_per_sec_per_chip']:.0f} images/s/chip, MFU {percent(run['mfu'])} "
-          f"({percent(run['mfu_with_collectives'])} with the collectives; {run['mfu_flops']} FLOPs), peak "
+          f"{run['images_per_sec_per_chip']:.0f} images/s/chip, MFU {tpu.percent(run['mfu'])} "
+          f"({tpu.percent(run['mfu_with_collectives'])} with the collectives; {run['mfu_flops']} FLOPs), peak "
           f"{run['peak_gib_per_chip']:.2f} GiB/chip ({'fits' if run['fits'] else 'does NOT fit'} "
           f"{chip.hbm_gib:.0f} GiB), schedule {run['total_steps']} steps = {run['schedule_hours']:.1f} h (est.)")
     for name in TRAINING:

@@ -159,6 +159,11 @@ def unwrap(path: str) -> str:
     return "".join(kept)
 
 
+def percent(value) -> str:
+    """An MFU for a table: a percentage, or 'incomplete' where unpriced work left it undefined."""
+    return "incomplete" if value is None else f"{100 * value:.1f}%"
+
+
 def op_path(op_name: str) -> str:
     """A JAX op_name shortened to where it comes from, the same for every block: 'jit(train_step)/transpose(jvp(
     MaskedAutoencoder))/.../block3/attn/qkv/dot_general' -> '.../block*/attn/qkv/dot_general'."""

@@ -15,9 +15,12 @@ import sys
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench import tpu  # noqa: E402
 OUT = os.path.join(ROOT, "bench", "results", "tpu")
 
-ZERO1 = {"mesh.shard_optimizer": True}
+ZERO1, MU_BF16 = {"mesh.shard_optimizer": True}, {"optimizer.mu_dtype": "bfloat16"}
 FSDP4_REMAT = {"mesh.fsdp": 4, "model.remat": True}
 LARGE, HUGE14 = {"model.size": "large"}, {"model.size": "huge", "model.patch_size": 14}
 CBM = {"cbm_cvt13_food101": "configs/cbm_cvt13_food101.py", "cbm_resnet18_food101": "configs/cbm_resnet18_food101.py",
@@ -28,7 +31,7 @@ SLICES = ("v4-128", "v5e-256", "v5p-128", "v6e-256")
 RUNS = {
     **{f"mae_vitb_{s}": ("configs/mae_vitb.py", s, {}, {}) for s in SLICES},
     **{f"mae_vitb_{s}_zero1": ("configs/mae_vitb.py", s, ZERO1, {}) for s in SLICES},
-    "mae_vitb_v5e-256_zero1_mu_bf16": ("configs/mae_vitb.py", "v5e-256", {**ZERO1, "optimizer.mu_dtype": "bfloat16"}, {}),
+    "mae_vitb_v5e-256_zero1_mu_bf16": ("configs/mae_vitb.py", "v5e-256", {**ZERO1, **MU_BF16}, {}),
     "mae_vitb_v5e-256_fsdp4": ("configs/mae_vitb.py", "v5e-256", {"mesh.fsdp": 4}, {}),
     "mae_vitb_v4-128_remat": ("configs/mae_vitb.py", "v4-128", {"model.remat": True}, {}),
     "mae_vitl_v3-128": ("configs/mae_vitb.py", "v3-128", LARGE, {}),
@@ -67,7 +70,10 @@ def compile_run(name: str) -> tuple[str, int]:
 def load(name: str) -> dict:
     """The JSON of run `name`, or {} if it was never compiled."""
     path = os.path.join(OUT, name + ".json")
-    return json.load(open(path)) if os.path.exists(path) else {}
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def layout(config: dict) -> str:
@@ -84,11 +90,6 @@ def layout(config: dict) -> str:
     return ", ".join(words) or "replicated"
 
 
-def percent(value) -> str:
-    """An MFU for a table (None: incomplete, unpriced work)."""
-    return "incomplete" if value is None else f"{100 * value:.1f}%"
-
-
 def pod_table(names) -> str:
     """One row per run: slice, layout, images and peak HBM per chip, estimated step and collectives, MFU without and
     with the collectives, schedule."""
@@ -103,13 +104,13 @@ def pod_table(names) -> str:
                          + " |" * 6)
             continue
         r, programs = d["run"], d["programs"]
-        parts = " + ".join(f"{programs[p]['estimated_seconds'] * 1e3:.1f}" for p in ("mae_step", "masker_step")
+        parts = " + ".join(f"{programs[p]['bounded_seconds'] * 1e3:.1f}" for p in ("mae_step", "masker_step")
                            if p in programs and "masker_step" in programs)
         lines.append(f"| `{name}` | {d['topology']} | {layout(d['config'])} | {d['per_chip_batch']} / "
                      f"{r['peak_gib_per_chip']:.1f} of {d['chip']['hbm_gib']:.0f} | "
                      f"{r['iteration_estimated_seconds'] * 1e3:.1f}{f' ({parts})' if parts else ''} | "
-                     f"{r['iteration_collective_seconds'] * 1e3:.1f} | {percent(r['mfu'])} | "
-                     f"{percent(r['mfu_with_collectives'])} | {r['schedule_hours']:.1f} |")
+                     f"{r['iteration_collective_seconds'] * 1e3:.1f} | {tpu.percent(r['mfu'])} | "
+                     f"{tpu.percent(r['mfu_with_collectives'])} | {r['schedule_hours']:.1f} |")
     return "\n".join(lines)
 
 

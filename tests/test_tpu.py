@@ -5,6 +5,8 @@ exactly its rows of the global batch.
 These catch a sharding change that breaks TPU compilation before anyone pays for a pod. Needs libtpu
 (`requirements-tpu.txt`, installed by `.ci/setup test`).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,6 +47,18 @@ def sharded_parameter_bytes(name: str, fsdp: int) -> int:
     config = smoke_config(name, fsdp)
     params = bench_tpu.build(config, tpu.topology_devices(TOPOLOGY)).abstract_state().params
     return sum(p.size * p.dtype.itemsize for p in jax.tree.leaves(params) if any(p.sharding.spec))
+
+
+@functools.cache
+def first_chip() -> jax.sharding.Sharding:
+    """The first chip of TOPOLOGY, one object for the whole module: each topology_devices() call makes devices that
+    JAX takes for other ones."""
+    return jax.sharding.SingleDeviceSharding(tpu.topology_devices(TOPOLOGY)[0])
+
+
+def on_one_chip(shape: tuple, dtype) -> jax.ShapeDtypeStruct:
+    """An abstract array on the first chip of TOPOLOGY."""
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=first_chip())
 
 
 def counts(figures: dict) -> dict:
@@ -120,8 +134,7 @@ def test_shard_optimizer_moves_no_more_collective_bytes_than_the_all_reduce(mae_
 
 
 def test_a_pallas_kernel_is_unpriced_work_and_leaves_the_mfu_incomplete():
-    device = tpu.topology_devices(TOPOLOGY)[0]
-    spec = jax.ShapeDtypeStruct((256, 256), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+    spec = on_one_chip((256, 256), jnp.float32)
 
     def kernel(x_ref, out_ref):
         out_ref[...] = jnp.tanh(x_ref[...])
@@ -131,7 +144,7 @@ def test_a_pallas_kernel_is_unpriced_work_and_leaves_the_mfu_incomplete():
     assert [(u["target"], u["bytes"]) for u in figures["unpriced"]] == [("tpu_custom_call", 2 * 256 * 256 * 4)]
     run = bench_tpu.summarise(smoke_config("mae", 1), tpu.chip(TOPOLOGY), 2, {"mae_step": figures}, 4)
     assert run["mfu"] is None and run["mfu_with_collectives"] is None and "incomplete" in run["mfu_status"]
-    assert bench_tpu.percent(run["mfu"]) == "incomplete"
+    assert tpu.percent(run["mfu"]) == "incomplete"
 
 
 def test_op_path_drops_differentiation_wrappers_at_any_depth():
@@ -147,9 +160,7 @@ def test_op_path_drops_differentiation_wrappers_at_any_depth():
 def test_a_gather_the_compiler_marks_in_bounds_is_priced_not_unpriced():
     # CL-MAE's masker step gathers with indices the compiler marks by its own custom call
     # (AssumeGatherIndicesInBound); that is a standard gather, not a kernel of unknown cost.
-    sharding = jax.sharding.SingleDeviceSharding(tpu.topology_devices(TOPOLOGY)[0])
-    table = jax.ShapeDtypeStruct((4096, 512), jnp.float32, sharding=sharding)
-    rows = jax.ShapeDtypeStruct((8, 1024), jnp.int32, sharding=sharding)
+    table, rows = on_one_chip((4096, 512), jnp.float32), on_one_chip((8, 1024), jnp.int32)
     program = jax.jit(lambda x, i: jax.vmap(lambda r: x.at[r].get(mode="promise_in_bounds"))(i).sum())
     compiled, figures = tpu.compile_program(program, table, rows, chip_=tpu.chip(TOPOLOGY))
     assert "AssumeGatherIndicesInBound" in compiled.as_text()
