@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from clmae_jax.runtime.errors import UserError
+from clmae_jax.runtime.errors import UserError, check_choice
 
 # (r_min, r_max) of the official linear-repeat curricula: "40" masks 1,2,3,4,6 of 16 cells, "60" masks 1,3,5,7,9.
 LIN_REPEAT_PRESETS = {"40": (0.07, 0.4036067977500615), "60": (0.1, 0.6036067977500615)}
@@ -79,8 +79,7 @@ def none(epochs):
 def masking_schedule(name, epochs, r_min=None, r_max=None, preset=None):
     """Ratios for 0-based epochs 0..epochs-1 of a named schedule; `preset` ("40"/"60") sets r_min and r_max."""
     if preset is not None:
-        if preset not in LIN_REPEAT_PRESETS:
-            raise UserError(f"Unknown masking preset {preset!r}; choose one of {sorted(LIN_REPEAT_PRESETS)}.")
+        check_choice("cbm.preset", preset, LIN_REPEAT_PRESETS)
         if r_min is not None or r_max is not None:
             raise UserError(f"Give either preset={preset!r} or r_min/r_max, not both.")
         r_min, r_max = LIN_REPEAT_PRESETS[preset]
@@ -93,6 +92,4 @@ def masking_schedule(name, epochs, r_min=None, r_max=None, preset=None):
         "anti_linear": lambda: anti_linear(r_min, r_max, epochs),
         "none": lambda: none(epochs),
     }
-    if name not in builders:
-        raise UserError(f"Unknown masking schedule {name!r}; choose one of {sorted(builders)}.")
-    return builders[name]()
+    return builders[check_choice("cbm.schedule", name, builders)]()

@@ -28,7 +28,7 @@ from cbm_jax.schedules import masking_schedule
 from clmae_jax.models.vit import ViTClassifier, vit_size
 from clmae_jax.runtime import checkpoint, data, loop, metrics, optim
 from clmae_jax.runtime.experiment import Experiment
-from clmae_jax.runtime.errors import MissingInputError, UserError
+from clmae_jax.runtime.errors import MissingInputError, UserError, check_choice
 from clmae_jax.runtime.state import TrainState, tree_size
 
 MODELS = ("resnet18", "wrn_52_2", "cvt13", "vit")
@@ -39,18 +39,17 @@ OPTIONS = {"model.name": MODELS, "cbm.salience": SALIENCE}  # For validate.check
 def build_classifier(config, num_classes: int) -> flax.linen.Module:
     """The classifier named by config.model.name."""
     m, dtype = config.model, jnp.dtype(config.model.dtype)
+    check_choice("model.name", m.name, MODELS)
     if m.name == "resnet18":
         return ResNet(num_classes, width=m.get("width", 64), dtype=dtype)
     if m.name == "wrn_52_2":
         return WideResNet(num_classes, **WRN_52_2, dtype=dtype)
     if m.name == "cvt13":
         return CvT(num_classes, **CVT_13, dtype=dtype)
-    if m.name == "vit":
-        return ViTClassifier(num_classes, patch_size=m.patch_size, **vit_size(m.size), pool=m.pool, dtype=dtype,
-                             drop_path=m.get("drop_path", 0.0), head_init_std=m.get("head_init_std", 0.02),
-                             pos_embed=m.get("pos_embed", "sincos"), attention=m.get("attention", "einsum"),
-                             remat=m.get("remat", False))
-    raise UserError(f"Unknown config.model.name {m.name!r}; use one of {', '.join(MODELS)}.")
+    return ViTClassifier(num_classes, patch_size=m.patch_size, **vit_size(m.size), pool=m.pool, dtype=dtype,
+                         drop_path=m.get("drop_path", 0.0), head_init_std=m.get("head_init_std", 0.02),
+                         pos_embed=m.get("pos_embed", "sincos"), attention=m.get("attention", "einsum"),
+                         remat=m.get("remat", False))
 
 
 def init_variables(model, config, num_classes: int) -> dict:
@@ -78,10 +77,8 @@ def masking_ratios(config, num_epochs: int) -> np.ndarray:
 def cell_probabilities(config, images):
     """Per-image cell distribution [B, grid^2]: Sobel salience of the uint8 images, or uniform (random masking)."""
     c = config.cbm
-    if c.salience == "uniform":
+    if check_choice("cbm.salience", c.salience, SALIENCE) == "uniform":
         return uniform_probs(images.shape[0], c.grid**2)
-    if c.salience != "sobel":
-        raise UserError(f"Unknown config.cbm.salience {c.salience!r}; use one of {SALIENCE}.")
     pixels = images.astype(jnp.float32)
     if c.salience_size and c.salience_size != images.shape[1]:
         # The official code measures CIFAR salience on a 64 px resize (PIL bicubic) of the 32 px image.

@@ -3,7 +3,7 @@
 lambda_CL > 0 makes the module a partner (it lowers the MAE's error: easy masks), < 0 an adversary (it raises
 the error: hard masks). Values are per 0-based epoch and constant within an epoch, as in the official code.
 """
-from clmae_jax.runtime.errors import UserError
+from clmae_jax.runtime.errors import UserError, check_choice
 
 
 def lambda_cl(epoch: int, total_epochs: int) -> float:
@@ -29,6 +29,4 @@ SCHEDULES = {
 
 def curriculum_weight(schedule: str, epoch: int, total_epochs: int) -> float:
     """lambda_CL for `epoch` under a named schedule ("linear" is the paper's; the constants are ablations)."""
-    if schedule not in SCHEDULES:
-        raise UserError(f"Unknown curriculum schedule {schedule!r}; choose one of {sorted(SCHEDULES)}.")
-    return float(SCHEDULES[schedule](epoch, total_epochs))
+    return float(SCHEDULES[check_choice("clmae.curriculum", schedule, SCHEDULES)](epoch, total_epochs))

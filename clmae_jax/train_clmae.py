@@ -19,7 +19,7 @@ from clmae_jax.models.clmae import CLMAE, random_masked_loss
 from clmae_jax.pictures import masking_columns
 from clmae_jax.pretraining import Pretraining
 from clmae_jax.runtime import data, loop, metrics, optim
-from clmae_jax.runtime.errors import UserError
+from clmae_jax.runtime.errors import check_choice
 from clmae_jax.runtime.state import TrainState, tree_size
 
 FREEZE_MODES = ("exact", "official")
@@ -58,7 +58,7 @@ def switch_step(config, budget) -> int:
 def masker_lr_schedule(config, budget, mae_schedule) -> optax.Schedule:
     """The module's learning rate: the MAE's ('follow'), its peak after the same warm-up ('constant'), or the MAE's
     until the switch to lambda_CL < 0, then the MAE's schedule afresh (warm-up, cosine) over the rest ('rewarm')."""
-    name = config.clmae.masker_lr_schedule
+    name = check_choice("clmae.masker_lr_schedule", config.clmae.masker_lr_schedule, MASKER_LR_SCHEDULES)
     if name == "follow":
         return mae_schedule
     peak = budget.learning_rate()[0]
@@ -66,11 +66,9 @@ def masker_lr_schedule(config, budget, mae_schedule) -> optax.Schedule:
         warmup = int(config.optimizer.get("warmup_epochs", 0.0) * budget.steps_per_epoch)
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
                                     [warmup])
-    if name == "rewarm":
-        switch = switch_step(config, budget)
-        rewarmed = optim.schedule(config.optimizer, peak, budget.steps_per_epoch, budget.total_steps - switch)
-        return optax.join_schedules([mae_schedule, rewarmed], [switch])
-    raise UserError(f"Unknown config.clmae.masker_lr_schedule {name!r}; use one of {MASKER_LR_SCHEDULES}.")
+    switch = switch_step(config, budget)
+    rewarmed = optim.schedule(config.optimizer, peak, budget.steps_per_epoch, budget.total_steps - switch)
+    return optax.join_schedules([mae_schedule, rewarmed], [switch])
 
 
 def masker_objective(config, per_patch_errors, keep_prob, lambda_curriculum):
@@ -130,8 +128,7 @@ def make_steps(model: CLMAE, tx, lr_schedule, config, masker_schedule=None):
     """(mae_step, masker_step): state, batch[, lambda_cl] -> state, measurements; the module's learning rate is
     `masker_schedule` (default: the MAE's `lr_schedule`) times config.clmae.masker_lr_scale."""
     masker_schedule = masker_schedule or lr_schedule
-    if config.clmae.freeze not in FREEZE_MODES:
-        raise UserError(f"Unknown config.clmae.freeze {config.clmae.freeze!r}; use one of {FREEZE_MODES}.")
+    check_choice("clmae.freeze", config.clmae.freeze, FREEZE_MODES)
     normalize = lambda batch: data.normalize(batch["image"], config.input.mean, config.input.std)
     rng = jax.random.PRNGKey(config.seed)  # Neither step samples; accumulation only needs a key to thread.
 

@@ -40,5 +40,5 @@ def test_constant_schedules_and_dispatch():
 
 
 def test_unknown_schedule_lists_valid_names():
-    with pytest.raises(ValueError, match="adversary.*linear.*neutral.*partner"):
+    with pytest.raises(ValueError, match="^config.clmae.curriculum='cosine' is not a known value; use one of 'linear', 'partner', 'adversary', 'neutral'"):
         curriculum.curriculum_weight("cosine", 0, 10)

@@ -143,7 +143,7 @@ def test_every_model_takes_a_cbm_step(name):
 def test_unknown_model_and_misplaced_weights_are_clear_errors():
     config = tiny_config()
     config.model.name = "resnet50"
-    with pytest.raises(ValueError, match="resnet18, wrn_52_2, cvt13, vit"):
+    with pytest.raises(ValueError, match="^config.model.name='resnet50' is not a known value; use one of 'resnet18', 'wrn_52_2', 'cvt13', 'vit'"):
         cbm.build_classifier(config, 10)
     config.model.update(name="resnet18", init_from="weights.pth")
     with pytest.raises(ValueError, match="loads PyTorch CvT-13 weights.*not 'resnet18'"):

@@ -102,9 +102,6 @@ def raw_pixels(mean, std) -> Encoder:
 def feature_pool(eval_config, default: str) -> str:
     """eval_config.pool ('gap_norm' or 'cls'), defaulting to the protocol's official choice."""
     kind = eval_config.get("pool") or default
-    if kind == "gap":  # gap_norm's old name: refused, not reused, so an old config cannot change meaning silently.
-        raise UserError("config.evals pool 'gap' is now called 'gap_norm' (mean of the last block's patch tokens, "
-                        "then a fresh LayerNorm).")
     if kind not in POOLS:
         raise UserError(f"Unknown pool {kind!r} in config.evals; use one of {POOLS}.")
     return kind

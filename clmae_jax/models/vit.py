@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clmae_jax.runtime.errors import UserError, check_tiling
+from clmae_jax.runtime.errors import UserError, check_choice, check_tiling
 
 # Encoder sizes: width, depth, heads (ViT paper, Table 1; tiny from DeiT).
 VIT_SIZES = {
@@ -30,9 +30,7 @@ patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis
 
 def vit_size(name: str) -> dict:
     """Width, depth and heads of a named ViT size (tiny/small/base/large/huge)."""
-    if name not in VIT_SIZES:
-        raise UserError(f"Unknown ViT size {name!r}; choose one of {sorted(VIT_SIZES)}.")
-    return VIT_SIZES[name]
+    return VIT_SIZES[check_choice("model.size", name, VIT_SIZES)]
 
 
 def sincos_1d(width: int, positions: np.ndarray) -> np.ndarray:
@@ -243,9 +241,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        if self.implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise UserError(f"Unknown config.model.attention {self.implementation!r}; use one of "
-                            f"{ATTENTION_IMPLEMENTATIONS}.")
+        check_choice("model.attention", self.implementation, ATTENTION_IMPLEMENTATIONS)
         heads_first = self.implementation == "einsum" and heads_in_matmuls()
         q, k, v = FusedQKV(self.num_heads, self.dtype, heads_first, name="qkv")(x)
         if heads_first:
@@ -385,9 +381,7 @@ class ViTEncoder(nn.Module):
     final_norm: bool = True
 
     def setup(self):
-        if self.pos_embed not in POSITION_EMBEDDINGS:
-            raise UserError(f"Unknown config.model.pos_embed {self.pos_embed!r}; use one of "
-                            f"{', '.join(POSITION_EMBEDDINGS)}.")
+        check_choice("model.pos_embed", self.pos_embed, POSITION_EMBEDDINGS)
         self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
         self.cls_token = ClsToken()
         if self.pos_embed == "learned":
@@ -459,8 +453,7 @@ class ViTClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
-        if self.pool not in POOLS:
-            raise UserError(f"Unknown config.model.pool {self.pool!r}; use one of {', '.join(POOLS)}.")
+        check_choice("model.pool", self.pool, POOLS)
         encoder = ViTEncoder(self.patch_size, self.width, self.depth, self.num_heads, self.mlp_ratio, self.dtype,
                              self.attention, self.remat, drop_path=self.drop_path, deterministic=not train, pos_embed=self.pos_embed,
                              final_norm=self.pool != "gap_norm")

@@ -22,7 +22,7 @@ with epy.lazy_imports():  # TensorFlow loads with the first pipeline: update ste
     import tensorflow_datasets as tfds
 
 from clmae_jax.runtime import paths
-from clmae_jax.runtime.errors import MissingInputError, UserError
+from clmae_jax.runtime.errors import MissingInputError, UserError, check_choice
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -163,14 +163,12 @@ def image_folder(split: str, data_dir: str) -> Source:
 
 def load_source(config, split: str) -> Source:
     """The source named by config.input.source for `split`."""
-    kind = config.source
+    kind = check_choice("input.source", config.source, SOURCES)
     if kind == "fashion_mnist_idx":
         return fashion_mnist_idx(split, config.data_dir)
     if kind == "tfds":
         return tfds_source(config.name, split, config.data_dir)
-    if kind == "image_folder":
-        return image_folder(split, config.data_dir)
-    raise UserError(f"Unknown config.input.source {kind!r}; use one of {SOURCES}.")
+    return image_folder(split, config.data_dir)
 
 
 def _decode_bytes(image, channels: int):
@@ -227,15 +225,13 @@ def preprocess_train(example, seed, config, encoded: bool):
     """Decode and augment one training example with stateless randomness from `seed` (shape [2])."""
     image = _decode(example["image"], encoded, config.channels)
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    augment = config.augment
+    augment = check_choice("input.augment", config.augment, AUGMENTATIONS)
     if augment == "mae":
         image = random_resized_crop(image, crop_seed, config.image_size, tuple(config.crop_scale))
     elif augment == "crop_flip":
         image = pad_crop(image, crop_seed, config.image_size)
-    elif augment == "none":
-        image = _resize(image, config.image_size)
     else:
-        raise UserError(f"Unknown config.input.augment {augment!r}; use one of {AUGMENTATIONS}.")
+        image = _resize(image, config.image_size)
     if augment != "none":
         image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     image.set_shape((config.image_size, config.image_size, config.channels))
@@ -268,9 +264,7 @@ def eval_iterator(config, source: Source, batch_size: int):
     """
     per_process = -(-source.num_examples // jax.process_count())
     num_batches = -(-per_process // batch_size)
-    transform = config.get("eval_transform", "center_crop")
-    if transform not in EVAL_TRANSFORMS:
-        raise UserError(f"Unknown config.input.eval_transform {transform!r}; use one of {EVAL_TRANSFORMS}.")
+    transform = check_choice("input.eval_transform", config.get("eval_transform", "center_crop"), EVAL_TRANSFORMS)
 
     def prepare(ex):
         image = _decode(ex["image"], source.encoded, config.channels)

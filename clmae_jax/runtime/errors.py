@@ -1,5 +1,5 @@
-"""The exception types for mistakes a user can fix (main.py prints their message as a single line), and the one
-image-tiling check that the config check, the ViT's patch embedding and CBM's cell grid share."""
+"""The exception types for mistakes a user can fix (main.py prints their message as a single line), and the two
+checks that the config check and the modules reading the config share: a named option, and image tiling."""
 
 
 class UserError(ValueError):
@@ -15,3 +15,11 @@ def check_tiling(height: int, width: int, divisor: int, what: str, fix: str):
     not split into whole tiles."""
     if height % divisor or width % divisor:
         raise UserError(f"Image size {height}x{width} is not divisible by {what}; {fix}.")
+
+
+def check_choice(field: str, value, allowed):
+    """`value` if it is one of `allowed` (a tuple of names or a dict's keys), else the one-line UserError naming
+    config.`field` and the accepted values (validate.check_names runs it on every field before anything is built)."""
+    if value not in allowed:
+        raise UserError(f"config.{field}={value!r} is not a known value; use one of {', '.join(map(repr, allowed))}.")
+    return value

@@ -17,7 +17,7 @@ from absl import logging
 
 from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib, metrics, optim, preemption, run_config
 from clmae_jax.runtime import state as state_lib
-from clmae_jax.runtime.errors import UserError
+from clmae_jax.runtime.errors import UserError, check_choice
 
 NONFINITE_MODES = ("stop", "skip")
 
@@ -69,10 +69,7 @@ def accumulate_gradients(loss_and_grad, params, batch: dict, rng, accum_steps: i
 def _accumulate(loss_and_grad, params, batch: dict, rng, accum_steps: int):
     if accum_steps == 1:
         return loss_and_grad(params, batch, rng)
-    batch_size = jax.tree.leaves(batch)[0].shape[0]
-    if batch_size % accum_steps:
-        raise UserError(f"The batch of {batch_size} does not split into config.grad_accum_steps={accum_steps} "
-                        "equal micro-batches; choose a divisor.")
+    mesh_lib.check_batch_split(jax.tree.leaves(batch)[0].shape[0], accum_steps)
     # Strided micro-batches (rows i, i + steps, ...): each device holds a contiguous block of the sharded batch, so
     # every micro-batch keeps a share of every device's rows and all devices work in every accumulation step.
     micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1),
@@ -134,9 +131,7 @@ class Health:
     """
 
     def __init__(self, mode: str):
-        if mode not in NONFINITE_MODES:
-            raise UserError(f"Unknown config.nonfinite {mode!r}; use one of {NONFINITE_MODES}.")
-        self.mode, self.state = mode, None
+        self.mode, self.state = check_choice("nonfinite", mode, NONFINITE_MODES), None
 
     def update(self, step: int, measurements: dict, params):
         """Folds one step's measurements and parameters into the record (asynchronous)."""

@@ -63,11 +63,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def local_batch_size(global_batch_size: int) -> int:
-    """This process's share of the global batch; the global batch must split evenly over devices."""
-    if global_batch_size % jax.device_count():
-        raise UserError(f"config.batch_size={global_batch_size} is not divisible by the {jax.device_count()} "
-                        "devices; choose a multiple of the device count.")
+def check_batch_split(batch_size: int, accum_steps: int = 1, field: str = "batch_size"):
+    """The one-line UserError unless a global batch (config.`field`) splits into `accum_steps` micro-batches that
+    each split over every device: the one rule for the config check, the input and gradient accumulation."""
+    devices = jax.device_count()
+    if batch_size % accum_steps:
+        raise UserError(f"config.{field}={batch_size} does not split into config.grad_accum_steps={accum_steps} "
+                        "micro-batches; choose a multiple of grad_accum_steps.")
+    if (batch_size // accum_steps) % devices:
+        what = f"micro-batch of {batch_size // accum_steps}" if accum_steps > 1 else "batch"
+        raise UserError(f"config.{field}={batch_size} gives a {what} not divisible by the {devices} devices; "
+                        f"choose a multiple of {devices * accum_steps}.")
+
+
+def local_batch_size(global_batch_size: int, field: str = "batch_size") -> int:
+    """This process's share of a global batch (config.`field`), which must split evenly over the devices."""
+    check_batch_split(global_batch_size, field=field)
     return global_batch_size // jax.process_count()
 
 

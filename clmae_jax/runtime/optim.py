@@ -2,7 +2,7 @@
 import jax
 import optax
 
-from clmae_jax.runtime.errors import UserError
+from clmae_jax.runtime.errors import check_choice
 
 
 def decay_mask(params, exempt=()):
@@ -23,6 +23,7 @@ MU_DTYPES = ("", "float32", "bfloat16")  # AdamW's first moment: "" keeps the pa
 
 def schedule(config, peak_lr: float, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """Per-step learning rate: 'cosine' (linear warm-up, half-cycle cosine to min_lr), 'step' or 'constant'."""
+    check_choice("optimizer.schedule", config.schedule, LR_SCHEDULES)
     if config.schedule == "cosine":
         warmup = int(config.warmup_epochs * steps_per_epoch)
         return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup, max(total_steps, warmup + 1),
@@ -31,13 +32,12 @@ def schedule(config, peak_lr: float, steps_per_epoch: int, total_steps: int) -> 
         # Epochs are 1-based in the reference code: "decay at epoch 32" means from the 32nd epoch on.
         boundaries = {int((e - 1) * steps_per_epoch): config.decay_factor for e in config.decay_epochs}
         return optax.piecewise_constant_schedule(peak_lr, boundaries)
-    if config.schedule == "constant":
-        return optax.constant_schedule(peak_lr)
-    raise UserError(f"Unknown config.optimizer.schedule {config.schedule!r}; use one of {LR_SCHEDULES}.")
+    return optax.constant_schedule(peak_lr)
 
 
 def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
     """The optax transformation named by config.name ('adamw', 'sgd' or 'adamax')."""
+    check_choice("optimizer.name", config.name, OPTIMIZERS)
     if config.name == "adamw":
         exempt = tuple(config.get("no_decay", ()))
         # mu_dtype "bfloat16" stores AdamW's first moment in bfloat16 (a fifth of the update's bytes; off by default:
@@ -48,10 +48,8 @@ def make_optimizer(config, lr_schedule: optax.Schedule) -> optax.GradientTransfo
         # PyTorch SGD adds weight decay to the gradient (L2), before momentum.
         tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                          optax.sgd(lr_schedule, momentum=config.momentum))
-    elif config.name == "adamax":
-        tx = optax.adamax(lr_schedule)
     else:
-        raise UserError(f"Unknown config.optimizer.name {config.name!r}; use one of {OPTIMIZERS}.")
+        tx = optax.adamax(lr_schedule)
     if config.get("grad_clip"):
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
     return tx

@@ -7,12 +7,10 @@ own (CL-MAE's curriculum, CBM's salience) from its module's OPTIONS, which main.
 """
 import uuid
 
-import jax
-
 from clmae_jax.evaluate.encoder import RAW_PIXELS
-from clmae_jax.models.vit import ATTENTION_IMPLEMENTATIONS, POSITION_EMBEDDINGS, vit_size
-from clmae_jax.runtime import data, loop, optim, paths
-from clmae_jax.runtime.errors import MissingInputError, UserError, check_tiling
+from clmae_jax.models.vit import ATTENTION_IMPLEMENTATIONS, POOLS, POSITION_EMBEDDINGS, VIT_SIZES, vit_size
+from clmae_jax.runtime import data, loop, mesh, optim, paths
+from clmae_jax.runtime.errors import MissingInputError, UserError, check_choice, check_tiling
 
 NAMES = {  # Field -> accepted values, as the module that reads the field defines them.
     "nonfinite": loop.NONFINITE_MODES,
@@ -26,6 +24,8 @@ NAMES = {  # Field -> accepted values, as the module that reads the field define
     "model.pos_embed": POSITION_EMBEDDINGS,
     "model.param_dtype": ("float32", "bfloat16"),
     "model.attention": ATTENTION_IMPLEMENTATIONS,
+    "model.size": VIT_SIZES,
+    "model.pool": POOLS,
 }
 
 # Field -> (lowest allowed, fix). Integers unless noted; absent fields are not checked.
@@ -89,8 +89,8 @@ def check_names(config, options: dict):
     """Every enumerated field (NAMES and the experiment's `options`) holds one of its accepted values."""
     for field, allowed in {**NAMES, **options}.items():
         value = get(config, field)
-        if value is not None and value not in allowed:
-            fail(field, value, "is not a known value", f"use one of {', '.join(map(repr, allowed))}")
+        if value is not None:
+            check_choice(field, value, allowed)
 
 
 def check_ranges(config):
@@ -119,19 +119,10 @@ def check_ranges(config):
 
 def check_batch(config):
     """The global batch splits over processes, devices, accumulation steps and CL-MAE loss groups."""
-    batch, accum = config.batch_size, config.get("grad_accum_steps", 1)
-    devices = jax.device_count()
-    if batch % accum:
-        fail("batch_size", batch, f"does not split into config.grad_accum_steps={accum} micro-batches",
-             "choose a multiple of grad_accum_steps")
-    if (batch // accum) % devices:
-        what = f"micro-batch of {batch // accum}" if accum > 1 else "batch"
-        fail("batch_size", batch, f"gives a {what} not divisible by the {devices} devices",
-             f"choose a multiple of {devices * accum}")
-    eval_batch = config.get("eval_batch_size")
-    if eval_batch and eval_batch % devices:
-        fail("eval_batch_size", eval_batch, f"is not divisible by the {devices} devices",
-             f"choose a multiple of {devices}")
+    batch = config.batch_size
+    mesh.check_batch_split(batch, config.get("grad_accum_steps", 1))
+    if config.get("eval_batch_size"):
+        mesh.check_batch_split(config.eval_batch_size, field="eval_batch_size")
     group = get(config, "clmae.loss_group_size")
     if group and batch % group:
         fail("clmae.loss_group_size", group, f"does not divide config.batch_size={batch}",
