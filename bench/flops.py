@@ -26,7 +26,7 @@ def clmae_flops(config) -> float:
     """Forward + backward FLOPs of one CL-MAE iteration per image: MAE step + module step on all tokens."""
     m, size = config.model, vit_size(config.model.size)
     patches = (config.input.image_size // m.patch_size) ** 2
-    masker = transformer_flops(patches + 1, size["width"], config.clmae.masker_depth) + 2 * size["width"] * patches
+    masker = transformer_flops(patches + 1, size["width"], config.clmae.masker.depth) + 2 * size["width"] * patches
     full_mae = (transformer_flops(patches + 1, size["width"], size["depth"])
                 + transformer_flops(patches + 1, m.decoder_width, m.decoder_depth))
     # MAE step: its own cost plus a module forward. Module step: module forward + backward (3x), full MAE forward

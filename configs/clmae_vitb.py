@@ -18,11 +18,12 @@ def clmae_defaults() -> ml_collections.ConfigDict:
         gaussian_sigma=0.12, target_keep_ratio=0.25, diversity_scale=0.1,
         loss_group_size=256,  # Official KL / diversity / L_rec are per GPU over 256 images.
         freeze="exact",  # "official": one AdamW whose zero gradients still move the frozen half (torch < 2).
-        masker_depth=5, masker_heads=4,
-        # Not official, each off by default (see the README's adversary study): a faster module step, its own
-        # learning-rate schedule ("follow" the MAE's, "constant" peak after the warm-up, "rewarm" at the switch to
-        # lambda_CL < 0), a softer sigmoid and bounded logits.
-        masker_lr_scale=1.0, masker_lr_schedule="follow", masker_temperature=1.0, masker_logit_bound=0.0))
+        # The masking module's hyperparameters: models/masker.py's CurriculumMasker fields, passed to it as they are.
+        # temperature and logit_bound are not official (1.0 and 0.0 are the official sigmoid; see docs/clmae.md).
+        masker=dict(depth=5, num_heads=4, temperature=1.0, logit_bound=0.0),
+        # Not official, off by default (see docs/clmae.md): a faster module step and its own learning-rate schedule
+        # ("follow" the MAE's, "constant" peak after the warm-up, "rewarm" at the switch to lambda_CL < 0).
+        masker_lr_scale=1.0, masker_lr_schedule="follow"))
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

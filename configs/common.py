@@ -67,7 +67,8 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "width" in config.model and config.model.get("name") == "resnet18":
         config.model.width = 4
     if "clmae" in config:
-        config.clmae.update(masker_depth=1, loss_group_size=8)
+        config.clmae.update(loss_group_size=8)
+        config.clmae.masker.depth = 1
     if "input" in config:
         config.input.shuffle_buffer = 64
     return config

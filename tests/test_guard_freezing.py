@@ -22,7 +22,8 @@ def small_config():
     """The Fashion-MNIST CL-MAE test config on a one-block ViT, one-block decoder and masking module, batch 8."""
     config = clmae_fashion_mnist.get_config("test")
     config.model.update(size="guard", decoder_width=8, decoder_depth=1, decoder_heads=2)
-    config.clmae.update(masker_depth=1, freeze="exact", loss_group_size=8)
+    config.clmae.update(freeze="exact", loss_group_size=8)
+    config.clmae.masker.depth = 1
     config.batch_size = 8
     config.optimizer.schedule = "constant"
     return config

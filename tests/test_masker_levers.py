@@ -8,7 +8,7 @@ import pytest
 from clmae_jax import train_clmae
 from clmae_jax.models.clmae import build_masker
 from clmae_jax.models.masker import CurriculumMasker
-from clmae_jax.runtime import loop, validate
+from clmae_jax.runtime import loop, run_config, validate
 from clmae_jax.runtime.errors import UserError
 from configs import clmae_fashion_mnist
 
@@ -91,14 +91,17 @@ def test_constant_holds_the_peak_after_the_warm_up():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("masker_temperature", -1.0, "config.clmae.masker_temperature=-1.0 must be a number > 0"),
-    ("masker_temperature", 0.0, "config.clmae.masker_temperature=0.0 must be a number > 0"),
-    ("masker_logit_bound", -2.0, "config.clmae.masker_logit_bound=-2.0 must be a number >= 0"),
+    ("masker.temperature", -1.0, "config.clmae.masker.temperature=-1.0 must be a number > 0"),
+    ("masker.temperature", 0.0, "config.clmae.masker.temperature=0.0 must be a number > 0"),
+    ("masker.logit_bound", -2.0, "config.clmae.masker.logit_bound=-2.0 must be a number >= 0"),
+    ("masker.depth", 0, "config.clmae.masker.depth=0 must be an integer >= 1"),
+    ("masker.num_heads", 5, "config.clmae.masker.num_heads=5 does not divide the width"),
     ("masker_lr_schedule", "cosine", "config.clmae.masker_lr_schedule='cosine' is not a known value"),
 ])
 def test_validate_names_the_bad_field_in_one_line(field, value, message):
     config = clmae_fashion_mnist.get_config("test")
-    config.clmae[field] = value
+    node, key = (config.clmae.masker, field.split(".")[1]) if "." in field else (config.clmae, field)
+    node[key] = value
     with pytest.raises(UserError) as error:
         validate.check_config(config, options=train_clmae.OPTIONS)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
@@ -111,3 +114,15 @@ def test_validate_accepts_the_defaults_and_the_adversarial_variant():
     assert adversarial["clmae"].pop("masker_lr_schedule") == "constant"  # The one field the variant changes.
     del official["clmae"]["masker_lr_schedule"]
     assert adversarial == official
+
+
+def test_every_masker_config_field_reaches_the_module_and_shape_fields_guard_the_resume():
+    config = clmae_fashion_mnist.get_config("test")
+    config.clmae.masker.update(depth=3, num_heads=2, temperature=2.5, logit_bound=4.0)
+    with config.clmae.masker.unlocked():
+        config.clmae.masker.mlp_ratio = 2.0  # A module field no config sets: passed through all the same.
+    masker = build_masker(config)
+    assert {k: getattr(masker, k) for k in config.clmae.masker} == config.clmae.masker.to_dict()
+    assert run_config.changes_parameters("clmae.masker.mlp_ratio") and run_config.changes_parameters(
+        "clmae.masker.depth")
+    assert not run_config.changes_parameters("clmae.masker.temperature")

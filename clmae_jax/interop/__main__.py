@@ -37,7 +37,7 @@ def load_run(path: str, step: int) -> tuple:
     if config.model.get("name") == "vit":  # A supervised / fine-tuning run of the ViT classifier.
         return params_geometry(params, **known, pool=config.model.pool), params
     return params_geometry(params, **known, decoder_heads=config.model.decoder_heads,
-                           masker_heads=config.get("clmae", {}).get("masker_heads", 4),
+                           masker_heads=config.clmae.masker.num_heads if "clmae" in config else None,
                            mask_ratio=config.mae.mask_ratio, norm_pix_loss=config.mae.norm_pix_loss), params
 
 

@@ -49,12 +49,11 @@ def random_masked_loss(model, config, params, images, rng):
 
 
 def build_masker(config) -> CurriculumMasker:
-    """The curriculum masking module at the MAE encoder's width, with the MAE's attention and remat
-    (config.model); its 4 heads are 192 to 320 wide, so cuDNN's fused attention takes ViT-B's and ViT-L's only."""
+    """The curriculum masking module with config.clmae.masker's hyperparameters, at the MAE encoder's width and with
+    its dtype, attention and remat (config.model); its 4 heads are 192 to 320 wide, so cuDNN's fused attention takes
+    ViT-B's and ViT-L's only."""
     m = config.model
-    return CurriculumMasker(depth=config.clmae.masker_depth, num_heads=config.clmae.masker_heads,
-                            temperature=config.clmae.masker_temperature, logit_bound=config.clmae.masker_logit_bound,
-                            dtype=jnp.dtype(m.dtype), attention=m.attention, remat=m.remat)
+    return CurriculumMasker(**config.clmae.masker, dtype=jnp.dtype(m.dtype), attention=m.attention, remat=m.remat)
 
 
 class CLMAE:

@@ -16,11 +16,12 @@ from clmae_jax.runtime.errors import UserError
 CONFIG_FILE, HISTORY_FILE = "config.json", "config_history.json"
 # Experiments that evaluate a run of another experiment in its own workdir -> the experiments they read.
 EVALUATES = {"cbm_eval": ("cbm", "finetune")}
-# Fields whose change changes the parameters (their shapes or what they mean), except the compute-only model
-# fields below: a checkpoint of the old values is not a checkpoint of the new ones.
-PARAMETER_FIELDS = ("experiment", "model.", "input.image_size", "input.channels", "clmae.masker_depth",
-                    "clmae.masker_heads")
-COMPUTE_ONLY = ("model.dtype", "model.attention", "model.remat", "model.init_from")
+# Fields whose change changes the parameters (their shapes or what they mean), except the compute-only fields
+# below: a checkpoint of the old values is not a checkpoint of the new ones. A new model or masking-module field
+# counts as one until it is listed as compute-only.
+PARAMETER_FIELDS = ("experiment", "model.", "input.image_size", "input.channels", "clmae.masker.")
+COMPUTE_ONLY = ("model.dtype", "model.attention", "model.remat", "model.init_from", "clmae.masker.temperature",
+                "clmae.masker.logit_bound")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

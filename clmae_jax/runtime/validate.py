@@ -46,8 +46,8 @@ AT_LEAST = {
     "model.patch_size": (1, "give the patch side in pixels"),
     "clmae.loss_group_size": (2, "the diversity term compares images within a group; use at least 2"),
     "clmae.curriculum_stages": (0, "use 0 for one stage per epoch"),
-    "clmae.masker_depth": (1, "give the number of masking-module blocks"),
-    "clmae.masker_heads": (1, "give the number of attention heads"),
+    "clmae.masker.depth": (1, "give the number of masking-module blocks"),
+    "clmae.masker.num_heads": (1, "give the number of attention heads"),
     "model.decoder_width": (1, "give the decoder's width"),
     "model.decoder_depth": (1, "give the number of decoder blocks"),
     "model.decoder_heads": (1, "give the number of attention heads"),
@@ -62,11 +62,11 @@ NON_NEGATIVE = {  # Field -> fix.
     "optimizer.warmup_epochs": "use 0 for no warm-up",
     "optimizer.min_lr": "use 0 to decay to zero",
     "optimizer.grad_clip": "use 0 for no clipping",
-    "clmae.masker_logit_bound": "use 0 for no bound",
+    "clmae.masker.logit_bound": "use 0 for no bound",
 }
 
 POSITIVE = {  # Field -> fix, for numbers that divide.
-    "clmae.masker_temperature": "use 1.0 for the official sigmoid, above 1 to soften it",
+    "clmae.masker.temperature": "use 1.0 for the official sigmoid, above 1 to soften it",
 }
 
 
@@ -180,7 +180,7 @@ def check_heads(config):
     if size is None or get(config, "model.name") not in (None, "vit"):
         return
     for field, width in (("model.decoder_heads", get(config, "model.decoder_width")),
-                         ("clmae.masker_heads", vit_size(size)["width"])):
+                         ("clmae.masker.num_heads", vit_size(size)["width"])):
         heads = get(config, field)
         if heads is not None and width is not None and width % heads:
             divisors = [h for h in range(1, 17) if width % h == 0]
