@@ -19,7 +19,6 @@ import re
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # The target's devices are compile-only; nothing looks for a GPU.
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from bench import hlo, tpu  # noqa: E402
 

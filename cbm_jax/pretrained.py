@@ -4,22 +4,19 @@ from absl import logging
 
 from clmae_jax import warm_start
 from clmae_jax.evaluate import load
-from clmae_jax.interop.classifier_torch import load_torch_weights
 from clmae_jax.models.geometry import Geometry, check_same_encoder, config_geometry
 from clmae_jax.models.vit import resize_positions
-from clmae_jax.runtime import checkpoint
 from clmae_jax.runtime.errors import UserError
+from clmae_jax.weights import read_weights
 
 
 def with_pretrained_weights(variables: dict, config, path: str) -> dict:
     """ViT classifier `variables` started from `path`: an MAE / CL-MAE run or PyTorch file (its encoder) or a
     PyTorch / Hugging Face ViT classifier (every weight that fits)."""
-    if checkpoint.is_run_folder(path):
-        return with_pretrained_encoder(variables, config, load.load_run_encoder(path))
-    geometry, params = load_torch_weights(path)
-    if geometry.num_classes is not None:
-        return with_pretrained_classifier(variables, config, geometry, params, path)
-    return with_pretrained_encoder(variables, config, load.foreign_encoder(path, geometry, params))
+    weights = read_weights(path, encoder_only=True)
+    if weights.geometry.num_classes is not None:
+        return with_pretrained_classifier(variables, config, weights.geometry, weights.params, path)
+    return with_pretrained_encoder(variables, config, load.pretrained_encoder(weights))
 
 
 def model_description(config) -> str:

@@ -9,18 +9,17 @@ import jax
 import numpy as np
 from absl import logging
 
-from clmae_jax.interop import load_pretrained
-from clmae_jax.runtime import checkpoint
 from clmae_jax.runtime.errors import UserError
+from clmae_jax.weights import read_weights
 
 
-def read_weights(path: str) -> dict:
+def pretraining_weights(path: str) -> dict:
     """{"mae": MAE tree, "masker"?: module tree} of numpy arrays from a run folder or a PyTorch file / folder."""
-    if checkpoint.is_run_folder(path):
-        params = checkpoint.restore_params(checkpoint.resolve_step_folder(path)[1])
-    else:
-        params = load_pretrained(path)[1]
-    return params if "mae" in params else {"mae": params}
+    weights = read_weights(path)
+    if weights.geometry.num_classes is not None:
+        raise UserError(f"config.model.init_from={path} is a ViT classifier, not MAE / CL-MAE pretraining weights; "
+                        "fine-tune from it (configs/finetune_fashion_mnist.py) or point at a pretraining run.")
+    return weights.params if "mae" in weights.params else {"mae": weights.params}
 
 
 def replaced(fresh: dict, pretrained: dict, name: str, source: str) -> tuple[dict, list]:
@@ -52,7 +51,7 @@ def with_pretrained(state, config):
     source = config.model.get("init_from")
     if not source:
         return state
-    weights = read_weights(source)
+    weights = pretraining_weights(source)
     clmae = "masker" in state.params
     mae, fresh = replaced(state.params["mae"] if clmae else state.params, weights["mae"], "mae", source)
     if not clmae:

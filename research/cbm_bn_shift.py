@@ -37,7 +37,7 @@ def reestimated(model, config, state, batches):
 def measure(workdir: str, num_batches: int) -> dict:
     """Test accuracy of a run's newest checkpoint as saved and with re-estimated BatchNorm statistics."""
     workdir, folder, step = checkpoint.resolve_step_folder(workdir)
-    config = checkpoint.read_train_config(workdir, folder)
+    config = checkpoint.read_train_config(folder)
     with cbm.restored(config, workdir) as (run, experiment, state, evaluator):
         iterator, _ = data.eval_iterator(config.input, run.source, config.batch_size)
         batches = itertools.islice(iterator, num_batches)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from clmae_jax.evaluate import bank as bank_lib, fewshot, knn, linear, load
-from clmae_jax.runtime import mesh as mesh_lib
+from clmae_jax.runtime import checkpoint, mesh as mesh_lib
 from clmae_jax.runtime.errors import UserError
 from conftest import ROOT, Main, cpu_env, load_params, run_main, shared_dir, traces
 
@@ -229,7 +229,7 @@ def test_loading_a_run_gives_the_encoder_weights_bit_for_bit(runs, kind):
     # The evaluation encoder's CLS feature is the MAE encoder's output on all tokens, exactly.
     from clmae_jax.models.clmae import build_mae
     from clmae_jax.models.mae import MaskedAutoencoder
-    train_config = load.read_train_config(runs[kind], os.path.join(runs[kind], "checkpoints", "1"))
+    train_config = checkpoint.read_train_config(os.path.join(runs[kind], "checkpoints", "1"))
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1)).astype(np.uint8)
     x = (images / 255.0 - 0.286) / 0.353
     model = build_mae(train_config)

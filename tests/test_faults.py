@@ -339,12 +339,12 @@ def test_resume_with_other_settings_goes_on_and_keeps_a_config_history(tmp_path,
 @pytest.mark.slow
 def test_export_and_evaluation_read_the_geometry_saved_in_the_checkpoint(tmp_path, mae_reference):
     from clmae_jax.evaluate import load
-    from clmae_jax.interop.__main__ import load_run
+    from clmae_jax.weights import read_weights
     workdir = copy_of(mae_reference, tmp_path, keep=(TOTAL,))
     with open(os.path.join(workdir, "config.json"), "w") as f:  # As a later command might have rewritten it.
         json.dump({"model": {"size": "tiny"}}, f)
-    assert load.load_run_encoder(workdir).num_heads == 4
-    assert load_run(workdir, -1)[0]["num_heads"] == 4
+    assert load.pretrained_encoder(read_weights(workdir, encoder_only=True)).num_heads == 4
+    assert read_weights(workdir).geometry["num_heads"] == 4
 
 
 # ---------------------------------------------------------------- non-finite training ---------------------------

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from clmae_jax.evaluate import load  # noqa: E402
+from clmae_jax.evaluate.encoder import ENCODER_KEYS  # noqa: E402
 from conftest import load_params, run_main  # noqa: E402
 from clmae_jax.interop import load_pretrained, mae_for_geometry, params_geometry, save_fbmae, save_hf  # noqa: E402
 from clmae_jax.interop import hf, mae_torch, shapes  # noqa: E402
@@ -208,7 +209,7 @@ def test_official_training_checkpoint_needs_heads_only_for_non_standard_sizes(tm
 @pytest.mark.parametrize("encoder_only", [False, True], ids=["full", "encoder_only"])
 def test_load_encoder_reads_an_exported_pth_bit_for_bit(tmp_path, encoder_only):
     params = random_params(CLMAE_GEOMETRY, masker=True)
-    mae = {k: params["mae"][k] for k in load.ENCODER_KEYS} if encoder_only else params
+    mae = {k: params["mae"][k] for k in ENCODER_KEYS} if encoder_only else params
     geometry = params_geometry(mae, image_size=IMAGE, num_heads=2, decoder_heads=2, mean=(0.1, 0.2, 0.3),
                                std=(0.4, 0.5, 0.6))
     path = str(tmp_path / "weights.pth")
@@ -216,7 +217,7 @@ def test_load_encoder_reads_an_exported_pth_bit_for_bit(tmp_path, encoder_only):
     config = ml_collections.ConfigDict(dict(encoder=dict(checkpoint=path, step=-1),
                                             input=dict(mean=(0.5,), std=(0.5,))))
     encoder = load.load_encoder(config)
-    assert_trees_equal(encoder.params, {k: params["mae"][k] for k in load.ENCODER_KEYS})
+    assert_trees_equal(encoder.params, {k: params["mae"][k] for k in ENCODER_KEYS})
     assert encoder.num_heads == 2 and encoder.mean == (0.1, 0.2, 0.3) and encoder.std == (0.4, 0.5, 0.6)
 
 

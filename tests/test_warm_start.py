@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("torch")
 
 from clmae_jax import train_clmae, train_mae  # noqa: E402
-from clmae_jax.evaluate import load  # noqa: E402
+from clmae_jax.evaluate.encoder import ENCODER_KEYS  # noqa: E402
 from clmae_jax.interop import params_geometry, save_fbmae  # noqa: E402
 from clmae_jax.runtime import loop, mesh as mesh_lib  # noqa: E402
 from clmae_jax.runtime.errors import UserError  # noqa: E402
@@ -52,10 +52,10 @@ def test_mae_file_or_encoder_alone_leaves_the_rest_fresh(tmp_path):
     started = clmae.create_train_state().params
     assert_trees_equal(started["mae"], source)
     assert_trees_equal(started["masker"], fresh["masker"])
-    encoder_only = {k: source[k] for k in load.ENCODER_KEYS}
+    encoder_only = {k: source[k] for k in ENCODER_KEYS}
     mae = experiment(mae_fashion_mnist, train_mae.MAE, init_from=exported(tmp_path, encoder_only, "encoder.pth"))
     started = mae.create_train_state().params
-    assert_trees_equal({k: started[k] for k in load.ENCODER_KEYS}, encoder_only)
+    assert_trees_equal({k: started[k] for k in ENCODER_KEYS}, encoder_only)
     fresh = experiment(mae_fashion_mnist, train_mae.MAE).create_train_state().params
     assert_trees_equal(started["decoder"], fresh["decoder"])
 

@@ -20,6 +20,7 @@ from clmae_jax.runtime import data
 from clmae_jax.runtime.errors import UserError
 
 RAW_PIXELS = "raw_pixels"
+ENCODER_KEYS = ("patch_embed", "cls_token", "encoder")  # An MAE tree's encoder: what evaluation reads.
 POOLS = ("gap_norm", "cls")
 
 
@@ -91,7 +92,7 @@ def config_encoder(config, params, name: str, step: int = 0, dtype: str = "float
 
 def encoder_params(mae_params) -> dict:
     """The encoder half of an MAE parameter tree (the decoder, mask token and prediction head dropped)."""
-    return {k: mae_params[k] for k in ("patch_embed", "cls_token", "encoder")}
+    return {k: mae_params[k] for k in ENCODER_KEYS}
 
 
 def raw_pixels(mean, std) -> Encoder:

@@ -1,65 +1,29 @@
 """Finds and restores the encoder that config.encoder.checkpoint names.
 
 Accepted: an MAE or CL-MAE workdir (its newest committed checkpoint, or config.encoder.step), one of its step
-folders (WORKDIR/checkpoints/<step>), "raw_pixels", or anything else `clmae_jax.interop.load_pretrained` reads
-(PyTorch .pth / .safetensors / Hugging Face folders). Only the encoder's leaves are read from disk: the decoder,
-CL-MAE's masking module and the optimizer state stay on disk.
+folders (WORKDIR/checkpoints/<step>), "raw_pixels", or a PyTorch .pth / .safetensors file or Hugging Face folder, all
+read by `clmae_jax.weights.read_weights`. Of a run only
+the encoder's leaves are read from disk: the decoder, CL-MAE's masking module and the optimizer state stay there.
 """
 
 import jax
 import numpy as np
 
-from clmae_jax.evaluate.encoder import RAW_PIXELS, Encoder, config_encoder, encoder_params, raw_pixels
-from clmae_jax.interop import load_pretrained
-from clmae_jax.models.geometry import Geometry, check_same_encoder, config_geometry
+from clmae_jax.evaluate.encoder import RAW_PIXELS, Encoder, encoder_params, raw_pixels
+from clmae_jax.models.geometry import Geometry, check_same_encoder
 from clmae_jax.models.vit import vit_size
-from clmae_jax.runtime.checkpoint import (is_run_folder, params_metadata, read_train_config, resolve_step_folder,
-                                          restore_params)
 from clmae_jax.runtime.errors import UserError
-
-ENCODER_KEYS = ("patch_embed", "cls_token", "encoder")
-
-
-def restore_encoder_params(step_folder: str) -> dict:
-    """The MAE encoder leaves of a checkpoint as numpy (MAE: params/..., CL-MAE: params/mae/...), nothing else."""
-    params = params_metadata(step_folder)
-    mae = params["mae"] if "mae" in params else params
-    missing = [k for k in ENCODER_KEYS if k not in mae]
-    if missing:
-        raise UserError(f"{step_folder} holds no MAE encoder (no params/{missing[0]}); point config.encoder.checkpoint "
-                        "at an MAE or CL-MAE run.")
-    wanted = {k: mae[k] for k in ENCODER_KEYS}
-    restored = restore_params(step_folder, {"mae": wanted} if "mae" in params else wanted)
-    return restored["mae"] if "mae" in params else restored
+from clmae_jax.weights import Weights, read_weights
 
 
-def load_run_encoder(path: str, step: int = -1) -> Encoder:
-    """The encoder of an MAE / CL-MAE workdir or step folder, geometry checked against the config it was saved
-    with."""
-    workdir, folder, step = resolve_step_folder(path, step)
-    train_config = read_train_config(workdir, folder)
-    params = restore_encoder_params(folder)
-    encoder = config_encoder(train_config, params, f"{workdir}@{step}", step=step)
-    check_same_encoder(encoder.geometry, f"checkpoint {folder}", config_geometry(train_config),
-                       f"its training config (model.size {train_config.model.size!r})")
-    return encoder
-
-
-def foreign_encoder(path: str, geometry: dict, params) -> Encoder:
-    """The encoder part of MAE / CL-MAE weights imported from the PyTorch file at `path`."""
-    params = encoder_params(params.get("mae", params))
-    return Encoder(name=path, params=jax.tree.map(np.asarray, params), num_heads=int(geometry["num_heads"]),
-                   mean=tuple(geometry["mean"]), std=tuple(geometry["std"]))
-
-
-def load_foreign_encoder(path: str) -> Encoder:
-    """A PyTorch / Hugging Face encoder through clmae_jax.interop (a missing file: validate.check_weights)."""
-    return foreign_encoder(path, *load_pretrained(path))
-
-
-def load_weights(path: str, step: int = -1) -> Encoder:
-    """The pretrained encoder at `path`: a run folder (newest step, or `step`) or a PyTorch / Hugging Face file."""
-    return load_run_encoder(path, step) if is_run_folder(path) else load_foreign_encoder(path)
+def pretrained_encoder(weights: Weights) -> Encoder:
+    """The encoder of pretrained MAE / CL-MAE weights (a ViT classifier is refused: fine-tune or export it)."""
+    if weights.geometry.num_classes is not None:
+        raise UserError(f"{weights.name} is a ViT classifier, not MAE / CL-MAE pretraining weights; evaluate the "
+                        "encoder it was fine-tuned from.")
+    g, params = weights.geometry, encoder_params(weights.params.get("mae", weights.params))
+    return Encoder(name=weights.name, params=jax.tree.map(np.asarray, params), num_heads=int(g.num_heads),
+                   mean=tuple(g.mean), std=tuple(g.std), step=weights.step)
 
 
 def check_expected_geometry(encoder: Encoder, encoder_config):
@@ -82,7 +46,7 @@ def load_encoder(config) -> Encoder:
                         f"folder, a PyTorch weights file or {RAW_PIXELS!r}.")
     if path == RAW_PIXELS:
         return raw_pixels(config.input.mean, config.input.std)
-    encoder = load_weights(path, ec.get("step", -1))
+    encoder = pretrained_encoder(read_weights(path, ec.get("step", -1), encoder_only=True))
     check_expected_geometry(encoder, ec)
     overrides = {k: tuple(ec[k]) for k in ("mean", "std") if ec.get(k)}
     return Encoder(**{**encoder.__dict__, **overrides, "dtype": ec.get("dtype", "float32"),

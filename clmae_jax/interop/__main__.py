@@ -18,27 +18,14 @@ import json
 import jax
 import numpy as np
 
-from clmae_jax.interop.classifier_torch import load_torch_weights, save_classifier_fbmae, save_classifier_hf
+from clmae_jax.interop.classifier_torch import save_classifier_fbmae, save_classifier_hf
 from clmae_jax.interop.mae_torch import save_fbmae, save_hf
-from clmae_jax.models.geometry import Geometry, params_geometry
-from clmae_jax.models.vit import vit_size
+from clmae_jax.models.geometry import Geometry
 from clmae_jax.runtime import paths
-from clmae_jax.runtime.checkpoint import is_run_folder, read_run
 from clmae_jax.runtime.errors import UserError
+from clmae_jax.weights import read_weights
 
 FORMATS = ("fbmae", "hf", "npz")
-
-
-def load_run(path: str, step: int) -> tuple:
-    """(geometry, params) of one of our runs (MAE, CL-MAE or ViT classifier), the geometry from its training config."""
-    config, params, _ = read_run(path, step)
-    known = dict(image_size=config.input.image_size, num_heads=vit_size(config.model.size)["num_heads"],
-                 mean=config.input.mean, std=config.input.std)
-    if config.model.get("name") == "vit":  # A supervised / fine-tuning run of the ViT classifier.
-        return params_geometry(params, **known, pool=config.model.pool), params
-    return params_geometry(params, **known, decoder_heads=config.model.decoder_heads,
-                           masker_heads=config.clmae.masker.num_heads if "clmae" in config else None,
-                           mask_ratio=config.mae.mask_ratio, norm_pix_loss=config.mae.norm_pix_loss), params
 
 
 def save_npz(params, geometry: Geometry, path: str):
@@ -62,7 +49,8 @@ def output_format(path: str, given: str) -> str:
 def convert(source: str, target: str, fmt: str = "", step: int = -1):
     """Reads `source` (our run or a PyTorch file / folder) and writes `target` in `fmt`."""
     fmt = output_format(target, fmt)
-    geometry, params = load_run(source, step) if is_run_folder(source) else load_torch_weights(source)
+    weights = read_weights(source, step)
+    geometry, params = weights.geometry, weights.params
     classifier = geometry.num_classes is not None
     if fmt == "fbmae":
         (save_classifier_fbmae if classifier else save_fbmae)(params, geometry, target)

@@ -148,20 +148,16 @@ def resolve_step_folder(path: str, step: int = -1) -> tuple[str, str, int]:
     return path, paths.join(path, "checkpoints", str(chosen)), chosen
 
 
-def read_train_config(workdir: str, step_folder: str) -> ml_collections.ConfigDict:
-    """The training config of a checkpoint: saved in it (metadata/metadata), or for checkpoints written before
-    that, the WORKDIR/config.json of its run."""
+def read_train_config(step_folder: str) -> ml_collections.ConfigDict:
+    """The training config saved in a checkpoint (metadata/metadata), which says what its parameters are."""
     try:
         saved = json.loads(paths.read_text(paths.join(step_folder, "metadata", "metadata"))).get("config")
     except (OSError, ValueError):
         saved = None
-    if saved:
-        return ml_collections.ConfigDict(saved)
-    path = paths.join(workdir, "config.json")
-    if not paths.exists(path):
-        raise MissingInputError(f"{path} not found: the checkpoint's model (ViT size) is unknown; the run's workdir "
-                                "must hold the config.json main.py writes.")
-    return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
+    if not saved:
+        raise MissingInputError(f"{step_folder} holds no training config (metadata/metadata), so its model is "
+                                "unknown; point at a checkpoint main.py wrote.")
+    return ml_collections.ConfigDict(saved)
 
 
 def params_metadata(step_folder: str) -> dict:
@@ -185,7 +181,7 @@ def read_run(path: str, step: int = -1) -> tuple:
     """(training config, parameters, step) of a run: a workdir (its newest committed step, or `step`) or a step
     folder."""
     workdir, folder, step = resolve_step_folder(path, step)
-    return read_train_config(workdir, folder), restore_params(folder), step
+    return read_train_config(folder), restore_params(folder), step
 
 
 class Checkpointer:
