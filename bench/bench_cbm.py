@@ -1,6 +1,6 @@
 """Times the CBM update step against the same step without masking (the baseline), side by side in one process.
 
-    python bench/bench_cbm.py [--cases=fashion_mnist,resnet18:cifar100] [--batch=64] [--rounds=5]
+    python -m bench.bench_cbm [--cases=fashion_mnist,resnet18:cifar100] [--batch=64] [--rounds=5]
 
 A case is `fashion_mnist` (configs/cbm_fashion_mnist.py) or `MODEL:DATASET` of configs/cbm_paper.py. For each, the
 baseline step (k = 0: no salience, no masking, as the official MaskIn at ratio 0) and the CBM step with the
@@ -11,19 +11,16 @@ measures compute, not the input pipeline. JSON goes to --out.
 import json
 import os
 import statistics
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-from bench import harness  # noqa: E402
-from cbm_jax import train_supervised as cbm  # noqa: E402
-from cbm_jax.masking import num_masked_patches  # noqa: E402
-from configs import cbm_fashion_mnist, cbm_paper  # noqa: E402
+from bench import harness
+from cbm_jax import train_supervised as cbm
+from cbm_jax.masking import num_masked_patches
+from configs import cbm_fashion_mnist, cbm_paper
 
 flags.DEFINE_list("cases", ["fashion_mnist", "resnet18:cifar100"], "fashion_mnist or MODEL:DATASET of cbm_paper.")
 flags.DEFINE_integer("batch", 64, "Global batch (the paper's is 64).")

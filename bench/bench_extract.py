@@ -1,6 +1,6 @@
 """Feature extraction (the evaluations' forward pass) against the MAE training step on the same ViT, side by side.
 
-    python bench/bench_extract.py [--config=mae_fashion_mnist] [--batch=128] [--eval_batch=500] [--rounds=5]
+    python -m bench.bench_extract [--config=mae_fashion_mnist] [--batch=128] [--eval_batch=500] [--rounds=5]
 
 The MAE step is built by the trainer (train_mae.MAE) at the training batch; extraction is the kNN / linear-probe
 feature function (`Encoder.features`, the un-masked encoder on every token, both pools) of that run's encoder at
@@ -13,17 +13,14 @@ decoder). JSON goes to --out.
 import importlib
 import json
 import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-from bench import harness, jax_steps  # noqa: E402
-from clmae_jax.evaluate.encoder import Encoder, encoder_params  # noqa: E402
-from clmae_jax.models.vit import vit_size  # noqa: E402
+from bench import harness, jax_steps
+from clmae_jax.evaluate.encoder import Encoder, encoder_params
+from clmae_jax.models.vit import vit_size
 
 flags.DEFINE_string("config", "mae_fashion_mnist", "configs/<name>.py of the MAE whose encoder is evaluated.")
 flags.DEFINE_integer("batch", 0, "Training batch (0: the config's).")

@@ -1,6 +1,6 @@
 """Compiles every program of an experiment for NVIDIA GPUs that are not attached, and bounds what it costs.
 
-    python bench/bench_gpu.py --target=h100 --gpus=8 --config=configs/clmae_vitb.py [--per_gpu_batch=N]
+    python -m bench.bench_gpu --target=h100 --gpus=8 --config=configs/clmae_vitb.py [--per_gpu_batch=N]
         [--config.model.attention=cudnn --config.model.remat=True --config.grad_accum_steps=2 ...]
 
 Needs the CUDA plugin (`pip install -r requirements-gpu.txt`); no GPU. The experiment is built by its own class (the
@@ -12,17 +12,14 @@ measurement. JSON goes to --out.
 """
 import json
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import gpu  # Sets JAX_PLATFORMS=cpu before jax is imported.
 
-from bench import gpu  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
-
-from bench import bench_tpu  # noqa: E402
-from clmae_jax.runtime import mesh as mesh_lib  # noqa: E402
+from bench import bench_tpu
+from clmae_jax.runtime import mesh as mesh_lib
 
 FLAGS = flags.FLAGS
 

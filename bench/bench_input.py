@@ -1,7 +1,7 @@
 """Throughput of the training input pipeline alone (JPEG decode + RandomResizedCrop + flip, MAE augmentation),
 against the step it must feed.
 
-    python bench/bench_input.py [--images=512] [--batch=64] [--batches=20] [--cores=0]
+    python -m bench.bench_input [--images=512] [--batch=64] [--batches=20] [--cores=0]
 
 Writes an image folder of random-content JPEGs at ImageNet's typical size (500x375, quality 90) into a temporary
 directory, reads it through `data.train_iterator` exactly as training does (image_folder source, 224 px MAE
@@ -11,13 +11,11 @@ last line says how many such cores one accelerator needs at a given step rate (d
 """
 import json
 import os
-import sys
 import tempfile
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 flags.DEFINE_integer("images", 512, "JPEGs to write (the pipeline cycles over them).")
 flags.DEFINE_integer("batch", 64, "Images per batch.")

@@ -1,6 +1,6 @@
 """Per-device memory of the MAE step and the CL-MAE iteration, replicated vs FSDP, from XLA's memory analysis.
 
-    python bench/bench_memory.py [--sizes=base,large,huge] [--per_device_batch=256] [--remat=false,true]
+    python -m bench.bench_memory [--sizes=base,large,huge] [--per_device_batch=256] [--remat=false,true]
 
 Compiles (never runs) each step for 8 devices (fake CPU devices unless the machine has accelerators) at the GPU
 precision policy (bf16 compute, fp32 parameters and AdamW moments) and reports the peak bytes live on one device:
@@ -12,15 +12,12 @@ state are exact.
 """
 import json
 import os
-import sys
 
 # Buffer assignment happens before code generation, so unoptimised CPU code gives the same memory figures, sooner.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
                       "--xla_llvm_disable_expensive_passes=true")
 
 from absl import app, flags  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Time from a preemption notice (SIGTERM) to the process's exit, over many stops at random steps.
 
-    python bench/bench_preemption.py [--stops=10] [--main=main.py] [--out=bench/results/preemption.json]
+    python -m bench.bench_preemption [--stops=10] [--main=main.py] [--out=bench/results/preemption.json]
 
 Each stop starts `main.py` on the quickstart config (Fashion-MNIST MAE, full shuffle buffer: the tf.data iterator
 whose teardown once took 38-40 s) in a new workdir, sends SIGTERM once the run has logged a step drawn at random

@@ -1,6 +1,6 @@
 """Times the MAE update step and the CL-MAE iteration (MAE step + masking-module step) side by side.
 
-    python bench/bench_steps.py [--sizes=tiny,base] [--batch=8] [--dtype=float32] [--rounds=3] [--steps=2]
+    python -m bench.bench_steps [--sizes=tiny,base] [--batch=8] [--dtype=float32] [--rounds=3] [--steps=2]
 
 Both are built by the trainers' own classes (train_mae.MAE, train_clmae.CLMAEExperiment) and run alternately for
 `rounds` rounds; the table gives median images/s, model FLOPs per image (analytic matmul count and XLA's cost
@@ -10,16 +10,13 @@ not the input pipeline (bench/bench_input.py does). JSON goes to --out.
 """
 import json
 import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax.numpy as jnp
 
-import jax.numpy as jnp  # noqa: E402
-
-from bench import flops, harness, jax_steps  # noqa: E402
-from configs import clmae_vitb, mae_vitb  # noqa: E402
+from bench import flops, harness, jax_steps
+from configs import clmae_vitb, mae_vitb
 
 flags.DEFINE_list("sizes", ["tiny", "base"], "ViT sizes to time (patch 16, 224 px).")
 flags.DEFINE_integer("batch", 8, "Global batch.")

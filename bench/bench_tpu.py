@@ -1,6 +1,6 @@
 """Compiles every program of an experiment for a TPU pod slice that is not attached, and estimates what it costs.
 
-    python bench/bench_tpu.py --topology=v5e-256 --config=configs/clmae_vitb.py [--per_chip_batch=N]
+    python -m bench.bench_tpu --topology=v5e-256 --config=configs/clmae_vitb.py [--per_chip_batch=N]
         [--config.model.size=large --config.model.remat=True --config.mesh.fsdp=4 ...]
 
 Needs libtpu (`pip install -r requirements-tpu.txt`); no TPU. The experiment is built by its own class (the one
@@ -14,24 +14,21 @@ compiler's estimate, never a measurement. JSON goes to --out (one file per topol
 """
 import json
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import tpu  # Sets JAX_PLATFORMS=cpu before jax is imported.
 
-from bench import tpu  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from bench import flops, harness  # noqa: E402
-from clmae_jax import train_clmae, train_mae  # noqa: E402
-from clmae_jax.evaluate import linear  # noqa: E402
-from clmae_jax.evaluate.encoder import config_encoder, encoder_params  # noqa: E402
-from clmae_jax.models.vit import vit_size  # noqa: E402
-from clmae_jax.runtime import loop, mesh as mesh_lib  # noqa: E402
+from bench import flops, harness
+from clmae_jax import train_clmae, train_mae
+from clmae_jax.evaluate import linear
+from clmae_jax.evaluate.encoder import config_encoder, encoder_params
+from clmae_jax.models.vit import vit_size
+from clmae_jax.runtime import loop, mesh as mesh_lib
 
 FLAGS = flags.FLAGS
 

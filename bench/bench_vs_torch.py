@@ -1,8 +1,8 @@
 """The project's MAE step and CL-MAE iteration against PyTorch peers, side by side in one run.
 
-    python bench/bench_vs_torch.py --preset=cpu            # ViT-B/16, batch 8, float32 (CPU target: >= 1.3x HF)
-    python bench/bench_vs_torch.py --preset=gpu            # ViT-B/16, batch 256, bf16 compute (GPU targets)
-    python bench/bench_vs_torch.py --preset=gpu --smoke    # the GPU configuration at a tiny size, runs on CPU
+    python -m bench.bench_vs_torch --preset=cpu            # ViT-B/16, batch 8, float32 (CPU target: >= 1.3x HF)
+    python -m bench.bench_vs_torch --preset=gpu            # ViT-B/16, batch 256, bf16 compute (GPU targets)
+    python -m bench.bench_vs_torch --preset=gpu --smoke    # the GPU configuration at a tiny size, runs on CPU
     --fbmae_src=PATH        adds facebookresearch/mae's own model (timm Blocks; eager and torch.compile)
     --official_clmae=PATH   adds the official CL-MAE iteration of a ristea/cl-mae checkout, as is and with its
                             diversity loss's Python double loop vectorised
@@ -24,8 +24,6 @@ import sys
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # Leave GPU memory for the torch worker.
 
 from absl import app, flags  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import harness  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The one-command GPU check: the project's steps and their PyTorch peers on the GPU at hand, in one run.
 
-    python bench/gpu_check.py [--fbmae_src=MAE_CHECKOUT] [--official_clmae=CLMAE_CHECKOUT]   # a GPU machine
-    python bench/gpu_check.py --smoke                                                        # any CPU (CI)
+    python -m bench.gpu_check [--fbmae_src=MAE_CHECKOUT] [--official_clmae=CLMAE_CHECKOUT]   # a GPU machine
+    python -m bench.gpu_check --smoke                                                        # any CPU (CI)
 
 At ViT-B/16, 224 px, bf16 compute (fp32 parameters), cuDNN attention, each a full training step on random data:
 the MAE step and the CL-MAE iteration at 256 images (bench_vs_torch's GPU preset), CBM's ResNet-18 and CvT-13 steps
@@ -21,9 +21,7 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench import bench_vs_torch, harness  # noqa: E402  (bench_vs_torch defines the shared flags: peers, rounds, ...)
+from bench import bench_vs_torch, harness  # Bench_vs_torch defines the shared flags: peers, rounds, ....
 
 flags.DEFINE_list("cbm_cases", ["resnet18:food101", "cvt13:food101"], "CBM steps (MODEL:DATASET of cbm_paper).")
 FLAGS = flags.FLAGS

@@ -1,7 +1,7 @@
 """The fit table of one GPU host: the largest per-GPU batch of each ViT MAE / CL-MAE that fits a GPU's memory,
 and the gradient accumulation that reaches the paper's global batch on 1 and 8 GPUs. Compiled, never run.
 
-    python bench/gpu_fit.py --target=h100 --sizes=base,large,huge --remat=false,true --experiments=mae,clmae
+    python -m bench.gpu_fit --target=h100 --sizes=base,large,huge --remat=false,true --experiments=mae,clmae
 
 Per cell (ViT size x remat x experiment, ViT-*/16 at 224 px, bf16 compute, cuDNN attention): the training
 programs are compiled for one GPU at two batches; peak memory is nearly linear in the batch (state + activations
@@ -13,16 +13,13 @@ batches are powers of two), the accumulation the global batch over GPUs x micro-
 import json
 import math
 import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import gpu  # Sets JAX_PLATFORMS=cpu before jax is imported.
 
-from bench import gpu  # noqa: E402  (sets JAX_PLATFORMS=cpu before jax is imported)
-
-from bench import bench_gpu, bench_tpu, flops  # noqa: E402
-from configs import clmae_vitb, mae_vitb  # noqa: E402
+from bench import bench_gpu, bench_tpu, flops
+from configs import clmae_vitb, mae_vitb
 
 flags.DEFINE_enum("target", "h100", list(gpu.GPUS), "GPU model (a description in bench/targets/).")
 flags.DEFINE_list("sizes", ["base", "large", "huge"], "ViT sizes.")

@@ -3,16 +3,13 @@ alternating timing rounds with medians, and a matmul peak measured in the same r
 import multiprocessing
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from clmae_jax.runtime import loop, mesh as mesh_lib  # noqa: E402
+from clmae_jax.runtime import loop, mesh as mesh_lib
 
 
 def build(experiment_cls, config, num_classes: int = 0):

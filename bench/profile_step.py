@@ -2,7 +2,7 @@
 attributed through the compiled HLO's metadata to matmul / other work, forward / backward / optimizer, and the model
 part (attention, MLP, LayerNorm, the rest).
 
-    python bench/profile_step.py [--experiment=mae|clmae] [--attention=einsum] [--steps=3]
+    python -m bench.profile_step [--experiment=mae|clmae] [--attention=einsum] [--steps=3]
 
 ViT-B/16 at 224 px, batch 8, float32 by default (the CPU preset of bench_vs_torch.py). Prints the grouped table and
 the costliest non-matmul ops, writes JSON and leaves the trace (TensorBoard's profile plugin or Perfetto) in --trace.
@@ -13,17 +13,14 @@ import gzip
 import json
 import os
 import re
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-from bench import flops, harness, jax_steps  # noqa: E402
-from configs import clmae_vitb, mae_vitb  # noqa: E402
+from bench import flops, harness, jax_steps
+from configs import clmae_vitb, mae_vitb
 
 flags.DEFINE_enum("experiment", "mae", ["mae", "clmae"], "The MAE step or the CL-MAE iteration.")
 flags.DEFINE_string("attention", "einsum", "config.model.attention.")

@@ -1,9 +1,9 @@
 """Every JSON in bench/results/tpu/ from one command, and the tables docs/scaling.md shows from them.
 
-    python bench/tpu_results.py [--only=mae_vitb_v5e-256,...] [--jobs=2]   # compile (hours on 2 cores)
-    python bench/tpu_results.py --tables                                   # print the markdown tables
+    python -m bench.tpu_results [--only=mae_vitb_v5e-256,...] [--jobs=2]   # compile (hours on 2 cores)
+    python -m bench.tpu_results --tables                                   # print the markdown tables
 
-Each run is `bench/bench_tpu.py` on one config, slice and layout (RUNS), in its own process; its JSON lands in
+Each run is `bench.bench_tpu` on one config, slice and layout (RUNS), in its own process; its JSON lands in
 bench/results/tpu/<name>.json. Every time in them is the TPU compiler's estimate, never a measurement.
 """
 import concurrent.futures
@@ -14,10 +14,9 @@ import sys
 
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from bench import tpu
 
-from bench import tpu  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "results", "tpu")
 
 ZERO1, MU_BF16 = {"mesh.shard_optimizer": True}, {"optimizer.mu_dtype": "bfloat16"}
@@ -54,9 +53,9 @@ FLAGS = flags.FLAGS
 
 
 def command(name: str) -> list:
-    """The bench_tpu.py command line of run `name`."""
+    """The bench_tpu command line of run `name` (run in the repository's root)."""
     config, topology, overrides, options = RUNS[name]
-    return ([sys.executable, os.path.join(ROOT, "bench", "bench_tpu.py"), f"--config={config}",
+    return ([sys.executable, "-m", "bench.bench_tpu", f"--config={config}",
              f"--topology={topology}", f"--out={os.path.join(OUT, name + '.json')}"]
             + [f"--config.{k}={v}" for k, v in overrides.items()] + [f"--{k}={v}" for k, v in options.items()])
 

@@ -1,7 +1,6 @@
 """bench_vs_torch stays runnable: its GPU preset runs end to end on CPU at a tiny size, and the JAX rows load neither
 TensorFlow, tfds nor clu (the GPU machines the benches are meant for may have none of them)."""
 import json
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ from conftest import ROOT, cpu_env
 def test_bench_vs_torch_runs_the_gpu_preset_on_cpu_without_tensorflow(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "vs_torch.json"
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_vs_torch.py"), "--preset=gpu", "--smoke",
+    cmd = [sys.executable, "-m", "bench.bench_vs_torch", "--preset=gpu", "--smoke",
            "--attentions=einsum", "--peers=hf", "--rounds=1", "--steps=1", f"--out={out}"]
     proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True,
                           timeout=600, cwd=ROOT)

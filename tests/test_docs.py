@@ -13,7 +13,7 @@ from conftest import ROOT
 from clmae_jax.runtime import validate
 
 DOCS = sorted([os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)])
-COMMAND = re.compile(r"python (main\.py|bench/\w+\.py|-m (?:research|tools|bench)\.\w+|-m clmae_jax\.interop)"
+COMMAND = re.compile(r"python (main\.py|-m (?:research|tools|bench)\.\w+|-m clmae_jax\.interop)"
                      r"((?: +--[^ \n\"`]+)*)")
 PLACEHOLDER = re.compile(r"NAME|MODEL|\[")  # configs/NAME.py[:variant], cbm_paper.py:MODEL,DATASET[,...]
 
@@ -37,8 +37,8 @@ def defined_flags(program: str) -> set:
     """The flags a script defines (absl's DEFINE_*, argparse's add_argument), read from its source and from the
     sources of the bench / research / tools modules it imports (absl flags defined there are its flags too)."""
     module = program.removeprefix("-m ")
-    file = "clmae_jax/interop/__main__.py" if module == "clmae_jax.interop" else (
-        module.replace(".", "/") + ".py" if program.startswith("-m") else program)
+    file = {"main.py": "main.py", "clmae_jax.interop": "clmae_jax/interop/__main__.py"}.get(
+        module, module.replace(".", "/") + ".py")
     source = text(os.path.join(ROOT, file))
     names = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', source)) | set(re.findall(r'add_argument\(\s*"--([\w-]+)"',
                                                                               source))

@@ -143,7 +143,6 @@ def test_heads_wider_than_cudnn_takes_fall_back_to_xla_attention():
 @pytest.mark.slow
 def test_gpu_check_runs_every_row_on_cpu_without_tensorflow(tmp_path):
     import json
-    import os
     import subprocess
     import sys
 
@@ -151,7 +150,7 @@ def test_gpu_check_runs_every_row_on_cpu_without_tensorflow(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "gpu_check.json"
     # One CBM case: CvT-13 runs the same code and would add a minute of CPU compile.
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--smoke", "--peers=hf", "--rounds=1",
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--smoke", "--peers=hf", "--rounds=1",
            "--steps=1", "--cbm_cases=resnet18:food101", f"--out={out}"]
     proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,6 @@ import ast
 import importlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import BUCKET, ROOT, Main, run_main
+from test_docs import commands_in, defined_flags
 from test_faults import (CLMAE, FAST, MAE, TOTAL, assert_same_state, free_port, mae_reference,  # noqa: F401
                          stopped_line, wait_for_step)
 from clmae_jax.runtime import checkpoint, data, distributed, lock, paths, validate
@@ -246,28 +246,16 @@ def test_tfds_data_prepared_in_a_bucket_reads_as_it_does_from_a_local_folder(gcs
 
 
 def recipe_commands() -> list:
-    """Every `python main.py ...` and `python bench/....py ...` command of the README's launch recipes (its section
+    """Every `python main.py ...` and `python -m bench.NAME ...` command of the README's launch recipes (its section
     "Pods and GPU hosts"), as tokens."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    recipes = readme.split("\n## Pods and GPU hosts\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", recipes, re.S)
-    commands = []
-    for block in blocks:
-        text = block.replace("\\\n", " ")
-        for found in re.finditer(r"python (main\.py|bench/\w+\.py)((?: +--[^ \n\"]+)*)", text):
-            commands.append([found.group(1), *found.group(2).split()])
-    return commands
-
-
-def defined_flags(program: str) -> set:
-    """The flag names a script defines (absl DEFINE_* calls), read from its source."""
-    return set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', open(os.path.join(ROOT, program)).read()))
+    return commands_in(readme.split("\n## Pods and GPU hosts\n", 1)[1].split("\n## ", 1)[0])
 
 
 def test_every_launch_recipe_command_names_real_flags_a_valid_config_and_a_usable_bucket(gcs):
     commands = recipe_commands()
     runs = [c for c in commands if c[0] == "main.py" and any(a.startswith("--workdir=gs://") for a in c)]
-    assert len(runs) >= 2 and any(c[0] == "bench/bench_tpu.py" for c in commands), commands
+    assert len(runs) >= 2 and any(c[0] == "-m bench.bench_tpu" for c in commands), commands
     for program, *arguments in commands:
         values = dict(a[2:].split("=", 1) for a in arguments)
         names = {k for k in values if not k.startswith("config.")}

@@ -171,5 +171,4 @@ def test_accumulated_micro_batches_stay_spread_over_all_devices(measured):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ROOT)
-    main()
+    main()  # The subprocess: its environment (conftest.cpu_env) puts the repository root on PYTHONPATH.
