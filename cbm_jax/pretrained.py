@@ -50,7 +50,7 @@ def with_pretrained_classifier(variables: dict, config, geometry: Geometry, para
     if geometry["pool"] != config.model.pool:
         raise UserError(f"{path} pools {geometry['pool']!r} but config.model.pool={config.model.pool!r}; set "
                         f"config.model.pool={geometry['pool']!r}.")
-    if geometry["pos_embed"] == "learned" and config.model.get("pos_embed", "sincos") != "learned":
+    if geometry["pos_embed"] == "learned" and config.model.pos_embed != "learned":
         raise UserError(f"{path} has a learned position table; set config.model.pos_embed='learned'.")
     pretrained = dict(params)
     if "pos_embed" in pretrained:

@@ -47,9 +47,8 @@ def build_classifier(config, num_classes: int) -> flax.linen.Module:
     if m.name == "cvt13":
         return CvT(num_classes, **CVT_13, dtype=dtype)
     return ViTClassifier(num_classes, patch_size=m.patch_size, **vit_size(m.size), pool=m.pool, dtype=dtype,
-                         drop_path=m.get("drop_path", 0.0), head_init_std=m.get("head_init_std", 0.02),
-                         pos_embed=m.get("pos_embed", "sincos"), attention=m.get("attention", "einsum"),
-                         remat=m.get("remat", False))
+                         drop_path=m.drop_path, head_init_std=m.head_init_std, pos_embed=m.pos_embed,
+                         attention=m.attention, remat=m.remat)
 
 
 def init_variables(model, config, num_classes: int) -> dict:

@@ -15,7 +15,7 @@ def get_config(variant: str = ""):
     """CBM (''), conventional training ('baseline') or random masking ('random'); 'smoke' shrinks any of them."""
     words = common.parse_variant(variant, cbm_paper.MODES, "cbm_vit_cifar100.py")
     config = cbm_paper.paper_config("resnet18", "cifar100", ",".join(sorted(words - {"smoke"})))
-    config.model.update(name="vit", size="small", patch_size=4, pool="cls")
+    config.model = common.vit_classifier(size="small", patch_size=4, pool="cls")
     config.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=5e-4, base_lr=0.0, b1=0.9, b2=0.999, weight_decay=0.05, schedule="cosine",
         warmup_epochs=10.0, min_lr=1e-6, grad_clip=1.0))

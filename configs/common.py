@@ -41,6 +41,14 @@ def input_config(dataset: str, **fields) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**defaults, **DATASETS[dataset], **fields})
 
 
+def vit_classifier(**fields) -> ml_collections.ConfigDict:
+    """config.model of a ViT classifier (fine-tuning, CBM's ViT): every field `ViTClassifier` is built from, with
+    `fields` on top; attention and remat as in pretraining (see docs/scaling.md)."""
+    defaults = dict(name="vit", size="base", patch_size=16, pool="cls", pos_embed="sincos", drop_path=0.0,
+                    head_init_std=0.02, dtype="float32", attention="einsum", remat=False, init_from="")
+    return ml_collections.ConfigDict({**defaults, **fields})
+
+
 def parse_variant(variant: str, allowed, file: str) -> set:
     """The set of comma-separated words in `variant`; a word the file does not know is an error naming the known."""
     words = set(filter(None, variant.split(",")))

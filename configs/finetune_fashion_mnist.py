@@ -24,9 +24,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.input = mae_fashion_mnist.fashion_mnist_input()
     config.input.eval_transform = "resize"
     pretrained = mae_fashion_mnist.get_config().model
-    config.model = ml_collections.ConfigDict(dict(
-        name="vit", size=pretrained.size, patch_size=pretrained.patch_size, pool="gap_norm", pos_embed="learned",
-        drop_path=0.1, head_init_std=2e-5, dtype="float32", init_from=""))
+    config.model = common.vit_classifier(size=pretrained.size, patch_size=pretrained.patch_size, pool="gap_norm",
+                                         pos_embed="learned", drop_path=0.1, head_init_std=2e-5)
     config.experiment = "finetune"
     config.cbm.schedule = "none"  # Plain supervised training: no CBM masking.
     config.batch_size = 128

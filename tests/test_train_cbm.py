@@ -13,7 +13,7 @@ import pytest
 from cbm_jax import train_supervised as cbm
 from cbm_jax.masking import num_masked_patches
 from clmae_jax.runtime import data, loop, mesh as mesh_lib, validate
-from configs import cbm_fashion_mnist, cbm_paper
+from configs import cbm_fashion_mnist, cbm_paper, common
 from conftest import assert_trees_close, load_params, run_main, train
 
 CONFIG = "cbm_fashion_mnist.py:test"
@@ -127,7 +127,10 @@ def test_train_step_updates_batch_stats_and_learns_a_batch():
                                   pytest.param("cvt13", marks=pytest.mark.slow), "vit"])
 def test_every_model_takes_a_cbm_step(name):
     config = tiny_config()
-    config.model.update(name=name, size="mini", patch_size=4, init_from="")
+    if name == "vit":
+        config.model = common.vit_classifier(size="mini", patch_size=4)
+    else:
+        config.model.update(name=name, init_from="")
     config.input.update(image_size=16, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3)
     model = cbm.build_classifier(config, 10)
     variables = cbm.init_variables(model, config, 10)
@@ -251,3 +254,12 @@ def test_one_compilation_per_distinct_masked_cell_count(monkeypatch):
     for step in range(1, 11):
         state, _ = experiment.train_step(state, labelled_batch(images), step)
     assert int(state.step) == 10
+
+
+def test_vit_classifier_configs_reach_attention_and_remat_from_the_command_line():
+    from configs import cbm_vit_cifar100, finetune_fashion_mnist
+    for module in (cbm_vit_cifar100, finetune_fashion_mnist):
+        config = module.get_config()
+        config.update_from_flattened_dict({"model.attention": "xla", "model.remat": True})
+        model = cbm.build_classifier(config, 10)
+        assert (model.attention, model.remat) == ("xla", True), module.__name__
