@@ -12,6 +12,7 @@ the cycle sum is the one used, `optimal_seconds` is shown beside it), images/s p
 bf16 peak from that estimate, compile seconds, and the collectives in the optimised HLO. Every time is the
 compiler's estimate, never a measurement. JSON goes to --out (one file per topology and config).
 """
+import ast
 import json
 import os
 
@@ -184,6 +185,18 @@ def fusion_lines(top: list) -> str:
     return "\n".join(lines)
 
 
+def compiler_options(pairs: list) -> dict:
+    """{"KEY": value} of KEY=VALUE words, numbers and booleans as such."""
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
+
+
 def define_flags():
     """The command line (defined only when run as a script: tests import this module beside main.py's flags)."""
     config_flags.DEFINE_config_file("config", None, "Experiment config (configs/NAME.py[:variant]).",
@@ -192,6 +205,8 @@ def define_flags():
     flags.DEFINE_integer("per_chip_batch", 0, "Images per chip (0: the config's global batch spread over the chips).")
     flags.DEFINE_list("programs", [], "Only these programs (default: every program of the experiment).")
     flags.DEFINE_integer("num_classes", 0, "Classes of the data set (0: from NUM_CLASSES; 1000 when unknown).")
+    flags.DEFINE_list("compiler_options", [], "XLA / TPU compiler options, KEY=VALUE (e.g. "
+                      "xla_tpu_scoped_vmem_limit_kib=65536); an unknown key is the compiler's error.")
     flags.DEFINE_string("cache_dir", "~/.cache/clmae_jax/tpu_xla", "Persistent compilation cache ('' for none).")
     flags.DEFINE_string("out", "", "JSON path (default bench/results/tpu_<topology>_<config>.json).")
     flags.mark_flags_as_required(["config"])
@@ -209,11 +224,12 @@ def main(argv):
         config.batch_size = FLAGS.per_chip_batch * num_chips
     per_chip_batch = config.batch_size // num_chips
     experiment = build(config, devices, FLAGS.num_classes)
+    options = compiler_options(FLAGS.compiler_options)
     rows = {}
     for name, (jitted, args) in programs(experiment, config).items():
         if FLAGS.programs and name not in FLAGS.programs:
             continue
-        _, rows[name] = tpu.compile_program(jitted, *args, chip_=chip)
+        _, rows[name] = tpu.compile_program(jitted, *args, chip_=chip, compiler_options=options)
         print(name, json.dumps({k: v for k, v in rows[name].items() if k != "collectives"}), flush=True)
     run = summarise(config, chip, per_chip_batch, rows, num_chips)
     print_table(FLAGS.topology, chip, run, rows)
@@ -222,7 +238,8 @@ def main(argv):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump({"topology": FLAGS.topology, "chip": chip.__dict__, "config": config.to_dict(),
-                   "per_chip_batch": per_chip_batch, "run": run, "programs": rows}, f, indent=2, default=str)
+                   "compiler_options": options, "per_chip_batch": per_chip_batch, "run": run, "programs": rows}, f,
+                  indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ CHIPS = {
 
 # Cloud TPU names (cores for v3 / v4 / v5p, chips for v5e / v6e) -> topology.
 SLICES = {"v3-128": "v3:8x8", "v4-128": "v4:4x4x4", "v5e-256": "v5e:16x16", "v5p-128": "v5p:4x4x4",
-          "v6e-256": "v6e:16x16", "v4-8": "v4:2x2x1", "v5e-4": "v5e:2x2"}
+          "v6e-256": "v6e:16x16", "v5e-64": "v5e:8x8", "v4-8": "v4:2x2x1", "v5e-4": "v5e:2x2"}
+
 
 def chip(topology: str) -> Chip:
     """The chip of a topology name such as 'v5e:16x16' or a slice name such as 'v5e-256'."""
@@ -368,10 +369,11 @@ def accounting(text: str, chip_: "Chip", top: int = 15) -> dict:
     }
 
 
-def compile_program(jitted, *args, chip_: Chip) -> tuple[object, dict]:
-    """Compiles `jitted` for the devices in `args`' shardings; (executable, per-chip figures)."""
+def compile_program(jitted, *args, chip_: Chip, compiler_options=None) -> tuple[object, dict]:
+    """Compiles `jitted` for the devices in `args`' shardings, with XLA / TPU `compiler_options` (part of the
+    compilation cache's key); (executable, per-chip figures)."""
     from bench import harness
-    compiled, stats = harness.compile_stats(jitted, *args)
+    compiled, stats = harness.compile_stats(jitted, *args, compiler_options=compiler_options)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     per_chip = chip_.devices_per_chip

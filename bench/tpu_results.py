@@ -31,6 +31,11 @@ RUNS = {
     **{f"mae_vitb_{s}": ("configs/mae_vitb.py", s, {}, {}) for s in SLICES},
     **{f"mae_vitb_{s}_zero1": ("configs/mae_vitb.py", s, ZERO1, {}) for s in SLICES},
     "mae_vitb_v5e-256_zero1_mu_bf16": ("configs/mae_vitb.py", "v5e-256", {**ZERO1, **MU_BF16}, {}),
+    **{f"mae_vitb_v5e-256_zero1_vmem{kib // 1024}m": ("configs/mae_vitb.py", "v5e-256", ZERO1,
+                                                      {"compiler_options": f"xla_tpu_scoped_vmem_limit_kib={kib}"})
+       for kib in (32768, 98304)},
+    "mae_vitb_v5e-64_zero1": ("configs/mae_vitb.py", "v5e-64", ZERO1, {}),
+    "mae_vitb_v5e-256_zero1_xla_attention": ("configs/mae_vitb.py", "v5e-256", {**ZERO1, "model.attention": "xla"}, {}),
     "mae_vitb_v5e-256_fsdp4": ("configs/mae_vitb.py", "v5e-256", {"mesh.fsdp": 4}, {}),
     "mae_vitb_v4-128_remat": ("configs/mae_vitb.py", "v4-128", {"model.remat": True}, {}),
     "mae_vitl_v3-128": ("configs/mae_vitb.py", "v3-128", LARGE, {}),
@@ -75,8 +80,9 @@ def load(name: str) -> dict:
         return json.load(f)
 
 
-def layout(config: dict) -> str:
-    """A table's words for a run's mesh and remat."""
+def layout(run: dict) -> str:
+    """A table's words for a run's mesh, remat, attention and compiler options."""
+    config = run["config"]
     mesh, words = config.get("mesh", {}), []
     if mesh.get("shard_optimizer"):
         words.append("ZeRO-1 (`mesh.shard_optimizer`)")
@@ -86,6 +92,9 @@ def layout(config: dict) -> str:
         words.append(f"`mesh.fsdp={mesh['fsdp']}`")
     if config["model"].get("remat"):
         words.append("remat")
+    if config["model"].get("attention", "einsum") != "einsum":
+        words.append(f"`model.attention={config['model']['attention']}`")
+    words += [f"`{key}={value}`" for key, value in run.get("compiler_options", {}).items()]
     return ", ".join(words) or "replicated"
 
 
@@ -105,7 +114,7 @@ def pod_table(names) -> str:
         r, programs = d["run"], d["programs"]
         parts = " + ".join(f"{programs[p]['bounded_seconds'] * 1e3:.1f}" for p in ("mae_step", "masker_step")
                            if p in programs and "masker_step" in programs)
-        lines.append(f"| `{name}` | {d['topology']} | {layout(d['config'])} | {d['per_chip_batch']} / "
+        lines.append(f"| `{name}` | {d['topology']} | {layout(d)} | {d['per_chip_batch']} / "
                      f"{r['peak_gib_per_chip']:.1f} of {d['chip']['hbm_gib']:.0f} | "
                      f"{r['iteration_estimated_seconds'] * 1e3:.1f}{f' ({parts})' if parts else ''} | "
                      f"{r['iteration_collective_seconds'] * 1e3:.1f} | {tpu.percent(r['mfu'])} | "

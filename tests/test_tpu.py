@@ -203,3 +203,12 @@ def test_a_mesh_that_mixes_hosts_is_caught():
     mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 4}, [devices[i] for i in order])
     assert tpu.input_layout_problems(mesh_lib.batch_sharding(mesh), 4 * len(devices))
     assert tpu.fsdp_groups_across_hosts(mesh) > 0
+
+
+def test_compiler_options_reach_the_tpu_compiler_typed():
+    assert bench_tpu.compiler_options(["xla_tpu_scoped_vmem_limit_kib=65536", "name=x", "flag=True"]) == {
+        "xla_tpu_scoped_vmem_limit_kib": 65536, "name": "x", "flag": True}
+    spec = on_one_chip((256, 256), jnp.float32)
+    with pytest.raises(Exception, match="No such compile option: 'xla_tpu_no_such_option'"):
+        tpu.compile_program(jax.jit(jnp.tanh), spec, chip_=tpu.chip(TOPOLOGY),
+                            compiler_options={"xla_tpu_no_such_option": 1})
