@@ -1,9 +1,9 @@
 """Finds and restores the encoder that config.encoder.checkpoint names.
 
 Accepted: an MAE or CL-MAE workdir (its newest committed checkpoint, or config.encoder.step), one of its step
-folders (WORKDIR/checkpoints/<step>), "raw_pixels", or a PyTorch .pth / .safetensors file or Hugging Face folder, all
-read by `clmae_jax.weights.read_weights`. Of a run only
-the encoder's leaves are read from disk: the decoder, CL-MAE's masking module and the optimizer state stay there.
+folders (WORKDIR/checkpoints/<step>), "raw_pixels", or a PyTorch .pth / .safetensors file or Hugging Face folder,
+all read by `clmae_jax.weights.read_weights`. Of a run only the encoder's leaves are read from disk: the decoder,
+CL-MAE's masking module and the optimizer state stay there.
 """
 
 import jax
