@@ -41,7 +41,7 @@ def build_classifier(config, num_classes: int) -> flax.linen.Module:
     m, dtype = config.model, jnp.dtype(config.model.dtype)
     check_choice("model.name", m.name, MODELS)
     if m.name == "resnet18":
-        return ResNet(num_classes, width=m.get("width", 64), dtype=dtype)
+        return ResNet(num_classes, width=m.width, dtype=dtype)
     if m.name == "wrn_52_2":
         return WideResNet(num_classes, **WRN_52_2, dtype=dtype)
     if m.name == "cvt13":

@@ -63,7 +63,7 @@ def masker_lr_schedule(config, budget, mae_schedule) -> optax.Schedule:
         return mae_schedule
     peak = budget.learning_rate()[0]
     if name == "constant":
-        warmup = int(config.optimizer.get("warmup_epochs", 0.0) * budget.steps_per_epoch)
+        warmup = int(config.optimizer.warmup_epochs * budget.steps_per_epoch)
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
                                     [warmup])
     switch = switch_step(config, budget)

@@ -87,7 +87,7 @@ def config_encoder(config, params, name: str, step: int = 0, dtype: str = "float
     shapes)."""
     return Encoder(name=name, params=params, num_heads=vit_size(config.model.size)["num_heads"],
                    mean=tuple(config.input.mean), std=tuple(config.input.std), step=step, dtype=dtype,
-                   attention=config.model.get("attention", "einsum"))
+                   attention=config.model.attention)
 
 
 def encoder_params(mae_params) -> dict:

@@ -264,7 +264,7 @@ def eval_iterator(config, source: Source, batch_size: int):
     """
     per_process = -(-source.num_examples // jax.process_count())
     num_batches = -(-per_process // batch_size)
-    transform = check_choice("input.eval_transform", config.get("eval_transform", "center_crop"), EVAL_TRANSFORMS)
+    transform = check_choice("input.eval_transform", config.eval_transform, EVAL_TRANSFORMS)
 
     def prepare(ex):
         image = _decode(ex["image"], source.encoded, config.channels)
