@@ -212,3 +212,16 @@ def test_compiler_options_reach_the_tpu_compiler_typed():
     with pytest.raises(Exception, match="No such compile option: 'xla_tpu_no_such_option'"):
         tpu.compile_program(jax.jit(jnp.tanh), spec, chip_=tpu.chip(TOPOLOGY),
                             compiler_options={"xla_tpu_no_such_option": 1})
+
+
+def test_the_largest_tiled_group_is_the_one_whose_compiles_reduce_scatter_natively():
+    # ViT-B over 256 chips splits 768 into 3-row slices (the compiler all-reduces them padded); over 32, 24 rows.
+    # The decoder's 512 makes ViT-L's group 64, not its encoder's 128.
+    from clmae_jax.models.clmae import build_mae, init_params
+    from clmae_jax.runtime import state
+    assert state.tiled_axes((768, 2304), 256) == [] and state.tiled_axes((768, 2304), 32) == [0]
+    for size, devices, group in (("base", 256, 32), ("large", 128, 64)):
+        config = mae_vitb.get_config()
+        config.model.size = size
+        params = jax.eval_shape(lambda rng: init_params(build_mae(config), config, rng), jax.random.key(0))
+        assert state.largest_tiled_group([p.shape for p in jax.tree.leaves(params)], devices) == group, size
