@@ -242,8 +242,8 @@ def main(argv):
     out = FLAGS.out or f"bench/results/tpu_{FLAGS.topology.replace(':', '_')}_{name}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"topology": FLAGS.topology, "chip": chip.__dict__, "config": config.to_dict(),
-                   "compiler_options": options, "per_chip_batch": per_chip_batch, "run": run, "programs": rows}, f,
+        json.dump({"topology": FLAGS.topology, "chip": chip.__dict__, "commit": harness.commit(),
+                   "config": config.to_dict(), "compiler_options": options, "per_chip_batch": per_chip_batch, "run": run, "programs": rows}, f,
                   indent=2, default=str)
 
 

@@ -3,6 +3,7 @@ alternating timing rounds with medians, and a matmul peak measured in the same r
 import multiprocessing
 import os
 import statistics
+import subprocess
 import time
 
 import jax
@@ -166,3 +167,13 @@ def matmul_peak(dtype=jnp.float32, n: int = 2048, trials: int = 5) -> float:
 def device_line() -> str:
     """Which devices this run measured on."""
     return f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), {os.cpu_count()} host cores"
+
+
+def commit() -> str:
+    """The code a result was measured with: `git describe --always --dirty` of the repository ('' outside git)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""

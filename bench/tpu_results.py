@@ -107,14 +107,14 @@ def pod_table(names) -> str:
     """One row per run: slice, layout, images and peak HBM per chip, estimated step and collectives, MFU without and
     with the collectives, schedule."""
     lines = ["| run | slice | layout | per chip: images / peak GiB | est. ms (compiler + fallback) | collectives ms "
-             "(ring model) | est. MFU | MFU with collectives | schedule h |", "|" + "---|" * 9]
+             "(ring model) | est. MFU | MFU with collectives | schedule h | code |", "|" + "---|" * 10]
     for name in names:
         d = load(name)
         if not d:
             continue
         if "mfu_status" not in d["run"]:  # Written before the accounting priced every instruction.
             lines.append(f"| `{name}` | {d['topology']} | stale: compiled before the current accounting, rerun |"
-                         + " |" * 6)
+                         + " |" * 7)
             continue
         r, programs = d["run"], d["programs"]
         parts = " + ".join(f"{programs[p]['bounded_seconds'] * 1e3:.1f}" for p in ("mae_step", "masker_step")
@@ -123,7 +123,8 @@ def pod_table(names) -> str:
                      f"{r['peak_gib_per_chip']:.1f} of {d['chip']['hbm_gib']:.0f} | "
                      f"{r['iteration_estimated_seconds'] * 1e3:.1f}{f' ({parts})' if parts else ''} | "
                      f"{r['iteration_collective_seconds'] * 1e3:.1f} | {tpu.percent(r['mfu'])} | "
-                     f"{tpu.percent(r['mfu_with_collectives'])} | {r['schedule_hours']:.1f} |")
+                     f"{tpu.percent(r['mfu_with_collectives'])} | {r['schedule_hours']:.1f} | "
+                     f"{d.get('commit') or 'before the commit stamp'} |")
     return "\n".join(lines)
 
 
