@@ -241,7 +241,7 @@ def main(argv):
     name = os.path.basename(config_flags.get_config_filename(FLAGS["config"])).removesuffix(".py")
     out = FLAGS.out or f"bench/results/tpu_{FLAGS.topology.replace(':', '_')}_{name}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    commit = harness.commit()  # Before the JSON is opened: rewriting a committed result is no change of code.
+    commit = harness.commit()
     with open(out, "w") as f:
         json.dump({"topology": FLAGS.topology, "chip": chip.__dict__, "commit": commit,
                    "config": config.to_dict(), "compiler_options": options, "per_chip_batch": per_chip_batch, "run": run, "programs": rows}, f,
