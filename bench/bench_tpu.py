@@ -243,9 +243,9 @@ def main(argv):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     commit = harness.commit()
     with open(out, "w") as f:
-        json.dump({"topology": FLAGS.topology, "chip": chip.__dict__, "commit": commit,
-                   "config": config.to_dict(), "compiler_options": options, "per_chip_batch": per_chip_batch, "run": run, "programs": rows}, f,
-                  indent=2, default=str)
+        json.dump({"topology": FLAGS.topology, "chip": chip.__dict__, "commit": commit, "config": config.to_dict(),
+                   "compiler_options": options, "per_chip_batch": per_chip_batch, "run": run, "programs": rows},
+                  f, indent=2, default=str)
 
 
 if __name__ == "__main__":

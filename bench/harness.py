@@ -172,8 +172,9 @@ def device_line() -> str:
 def commit() -> str:
     """The code a result was measured with: the repository's commit, '-dirty' when a tracked file outside
     bench/results differs from it ('' outside git)."""
-    git = lambda *args: subprocess.run(["git", *args], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                       capture_output=True, text=True, check=True).stdout.strip()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = lambda *args: subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                       check=True).stdout.strip()
     try:
         changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
         return git("describe", "--always") + ("-dirty" if changed else "")

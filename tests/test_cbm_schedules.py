@@ -78,7 +78,7 @@ def test_constant_and_none():
 
 
 def test_bad_arguments_raise_clear_errors():
-    with pytest.raises(ValueError, match="^config.cbm.schedule='cosine' is not a known value; use one of 'linear_repeat'"):
+    with pytest.raises(ValueError, match="^config.cbm.schedule='cosine' is not a known value; use one of 'linear_re"):
         schedules.masking_schedule("cosine", 10, 0.1, 0.4)
     with pytest.raises(ValueError, match="preset"):
         schedules.masking_schedule("linear_repeat", 10, preset="50")

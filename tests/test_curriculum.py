@@ -40,5 +40,6 @@ def test_constant_schedules_and_dispatch():
 
 
 def test_unknown_schedule_lists_valid_names():
-    with pytest.raises(ValueError, match="^config.clmae.curriculum='cosine' is not a known value; use one of 'linear', 'partner', 'adversary', 'neutral'"):
+    with pytest.raises(ValueError, match=r"^config.clmae.curriculum='cosine' is not a known value; use one of "
+                                         r"'linear', 'partner', 'adversary', 'neutral'\.$"):
         curriculum.curriculum_weight("cosine", 0, 10)
