@@ -163,8 +163,8 @@ def print_table(topology: str, chip, run: dict, rows: dict, top: int = 10):
           f"({tpu.percent(run['mfu_with_collectives'])} with the collectives; {run['mfu_flops']} FLOPs), peak "
           f"{run['peak_gib_per_chip']:.2f} GiB/chip ({'fits' if run['fits'] else 'does NOT fit'} "
           f"{chip.hbm_gib:.0f} GiB), schedule {run['total_steps']} steps = {run['schedule_hours']:.1f} h (est.)")
-    print(f"largest group of devices over which every large parameter splits into whole TPU tiles: "
-          f"{run['tiled_group']} (mesh.fsdp={run['tiled_group']} shards the update without padded collectives)")
+    print(f"largest group of devices over which the large parameters (99% of their elements) split into whole TPU "
+          f"tiles: {run['tiled_group']} (mesh.fsdp={run['tiled_group']} shards the update without padded collectives)")
     for name in TRAINING:
         if name in rows:
             print(f"\n{name}: costliest work ({rows[name]['fallback_count']} ops priced by the fallback roofline)")
@@ -235,8 +235,7 @@ def main(argv):
         print(name, json.dumps({k: v for k, v in rows[name].items() if k != "collectives"}), flush=True)
     run = summarise(config, chip, per_chip_batch, rows, num_chips)
     shapes = [p.shape for p in jax.tree.leaves(experiment.abstract_state().params)]
-    run["tiled_group"] = state_lib.largest_tiled_group(shapes, len(devices), config.mesh.get("min_shard_size",
-                                                                                             state_lib.MIN_SHARD_SIZE))
+    run["tiled_group"] = state_lib.largest_tiled_group(shapes, len(devices), config.get("mesh"))
     print_table(FLAGS.topology, chip, run, rows)
     name = os.path.basename(config_flags.get_config_filename(FLAGS["config"])).removesuffix(".py")
     out = FLAGS.out or f"bench/results/tpu_{FLAGS.topology.replace(':', '_')}_{name}.json"

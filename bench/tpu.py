@@ -345,21 +345,21 @@ def accounting(text: str, chip_: "Chip", top: int = 15) -> dict:
         breakdown[key] = breakdown.get(key, 0.0) + r["seconds"] / (seconds or 1.0)
     kinds = by_kind(collectives(text), chip_)
     copies = of("async")
+    copy_bytes, hbm_bytes = sum(r["bytes"] for r in copies), sum(r["hbm_bytes"] for r in priced)
+    hbm_bandwidth = chip_.per_device(chip_.hbm_bandwidth)
     # What HBM alone needs for the bytes moved to and from it (the priced ops' HBM operands and results, and every
     # asynchronous copy): a floor the estimate is never let below (bounded_seconds), so bytes moved from fusions
     # into DMAs cannot look free.
-    floor = (sum(r["hbm_bytes"] for r in priced) + sum(r["bytes"] for r in copies)) / chip_.per_device(
-        chip_.hbm_bandwidth)
+    floor = (hbm_bytes + copy_bytes) / hbm_bandwidth
     return {
         "estimated_cycles": sum(r["cycles"] for r in of("compiler")),
         "compiler_seconds": sum(r["seconds"] for r in of("compiler")),
         "fallback_seconds": sum(r["seconds"] for r in of("fallback")), "fallback_count": len(of("fallback")),
         "estimated_seconds": seconds,
         "collective_seconds": sum(k["seconds"] for k in kinds.values()), "collectives": kinds,
-        "async_copies": {"count": len(copies), "bytes": sum(r["bytes"] for r in copies),
-                         "seconds_at_hbm_bandwidth": sum(r["bytes"] for r in copies)
-                         / chip_.per_device(chip_.hbm_bandwidth)},
-        "hbm_bytes": sum(r["hbm_bytes"] for r in priced),
+        "async_copies": {"count": len(copies), "bytes": copy_bytes,
+                         "seconds_at_hbm_bandwidth": copy_bytes / hbm_bandwidth},
+        "hbm_bytes": hbm_bytes,
         "hbm_floor_seconds": floor, "bounded_seconds": max(seconds, floor),
         "matmul_flops": sum(r["flops"] for r in rows),
         "unpriced": [{k: r[k] for k in ("name", "opcode", "target", "op", "flops", "bytes", "trips")}

@@ -14,7 +14,7 @@ from absl import logging
 from clmae_jax.evaluate import bank as bank_lib, fewshot, knn, linear
 from clmae_jax.evaluate.encoder import Encoder, feature_pool
 from clmae_jax.runtime import checkpoint, data, mesh as mesh_lib, paths
-from clmae_jax.runtime.errors import UserError
+from clmae_jax.runtime.errors import UserError, check_choice
 
 DEFAULT_POOL = {"knn": "gap_norm", "linear": "cls"}  # The official choices (see encoder.py).
 
@@ -30,10 +30,7 @@ class Resume:
 
 def protocol_type(name: str, eval_config) -> str:
     """eval_config.type (default: the entry's name), checked."""
-    kind = eval_config.get("type") or name
-    if kind not in PROTOCOLS:
-        raise UserError(f"Unknown evaluation type {kind!r} in config.evals.{name}; use one of {tuple(PROTOCOLS)}.")
-    return kind
+    return check_choice(f"evals.{name}.type", eval_config.get("type") or name, PROTOCOLS)
 
 
 def pools_needed(kind: str, eval_config) -> set:

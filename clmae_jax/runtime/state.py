@@ -44,11 +44,17 @@ def tiled_axes(shape: tuple, size: int) -> list:
             if shape[a] % size == 0 and (shape[a] // size) % (128 if a == len(shape) - 1 else 8) == 0]
 
 
-def largest_tiled_group(shapes, num_devices: int, min_size: int = MIN_SHARD_SIZE, share: float = 0.99) -> int:
-    """The most devices (a power of two dividing `num_devices`) over which the leaves of at least `min_size`
-    elements holding `share` of their elements split into whole TPU tiles: the `mesh.fsdp` that shards the update
-    with (almost) no padded collectives. A ViT's patch projection, [p, p, C, W], is the usual leaf left out."""
-    large = [s for s in shapes if math.prod(s) >= min_size]
+def min_shard_size(mesh_config=None) -> int:
+    """Elements below which a leaf stays whole: config.mesh.min_shard_size, else MIN_SHARD_SIZE."""
+    return (mesh_config or {}).get("min_shard_size", MIN_SHARD_SIZE)
+
+
+def largest_tiled_group(shapes, num_devices: int, mesh_config=None, share: float = 0.99) -> int:
+    """The most devices (a power of two dividing `num_devices`) over which the leaves `leaf_spec` would split (at
+    least `min_shard_size` elements) holding `share` of their elements split into whole TPU tiles: the `mesh.fsdp`
+    that shards the update with (almost) no padded collectives. A ViT's patch projection, [p, p, C, W], is the usual
+    leaf left out."""
+    large = [s for s in shapes if math.prod(s) >= min_shard_size(mesh_config)]
     total = sum(math.prod(s) for s in large)
     size = num_devices & -num_devices  # The largest power of two that divides it.
     while size > 1 and sum(math.prod(s) for s in large if tiled_axes(s, size)) < share * total:
@@ -63,7 +69,7 @@ def leaf_spec(shape: tuple, mesh_shape: dict, mesh_config=None) -> P:
     collectives would cost more latency than they save)."""
     axes = shard_axes(mesh_shape, mesh_config)
     size = math.prod(mesh_shape[a] for a in axes)
-    if size == 1 or math.prod(shape) < (mesh_config or {}).get("min_shard_size", MIN_SHARD_SIZE):
+    if size == 1 or math.prod(shape) < min_shard_size(mesh_config):
         return P()
     divisible = [axis for axis in range(len(shape)) if shape[axis] % size == 0]
     if not divisible:
