@@ -105,29 +105,31 @@ def softmax_attention(q, k, v):
     numbers with a hand-written backward pass that reads the unnormalised probabilities exp(logits - max) stored in
     the compute dtype. Under bfloat16 the [L, L] tensors between fusions stay bfloat16 and no exponential is
     recomputed (the TPU step's attention: float32 probabilities cost it twice their bytes); float32 gives the
-    textbook numbers (tested)."""
+    textbook numbers (tested). The scores are held keys-first, [B, H, L_k, L_q]: the softmax then reduces over
+    the second-minor axis and the backward pass's score gradient fuses into its matmuls instead of being written
+    out (v5e, one ViT-B decoder layer at 16 images per chip: 1077 -> 941 us)."""
     return _attention_forward(q, k, v)[0]
 
 
 def _attention_forward(q, k, v):
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
-    shifted = logits.astype(jnp.float32) - logits.max(axis=-1, keepdims=True).astype(jnp.float32)
+    logits = jnp.einsum("bhkd,bhqd->bhkq", k, q)
+    shifted = logits.astype(jnp.float32) - logits.max(axis=-2, keepdims=True).astype(jnp.float32)
     weights = jnp.exp(shifted).astype(v.dtype)
-    total = weights.sum(axis=-1, keepdims=True, dtype=jnp.float32)
-    out = (jnp.einsum("bhqk,bhkd->bhqd", weights, v) / total).astype(v.dtype)
+    total = weights.sum(axis=-2, dtype=jnp.float32)[..., None]
+    out = (jnp.einsum("bhkq,bhkd->bhqd", weights, v) / total).astype(v.dtype)
     return out, (q, k, v, weights, total, out)
 
 
 def _attention_backward(residuals, d_out):
-    # With P = weights / total and G = d_out v^T: d_logits = P * (G - rowsum(d_out * out)); 1 / total is folded
-    # into d_out, so P is never materialised.
+    # With P = weights / total and G = v d_out^T (keys-first, as P): d_logits = P * (G - rowsum(d_out * out)), the
+    # row sum broadcast over keys; 1 / total is folded into d_out, so P is never materialised.
     q, k, v, weights, total, out = residuals
     d_scaled = d_out.astype(jnp.float32) / total
-    g = jnp.einsum("bhqd,bhkd->bhqk", d_scaled.astype(v.dtype), v)
-    row = jnp.sum(d_scaled * out.astype(jnp.float32), axis=-1, keepdims=True)
+    g = jnp.einsum("bhkd,bhqd->bhkq", v, d_scaled.astype(v.dtype))
+    row = jnp.sum(d_scaled * out.astype(jnp.float32), axis=-1)[:, :, None, :]
     d_logits = (weights.astype(jnp.float32) * (g.astype(jnp.float32) - row)).astype(q.dtype)
-    return (jnp.einsum("bhqk,bhkd->bhqd", d_logits, k), jnp.einsum("bhqk,bhqd->bhkd", d_logits, q),
-            jnp.einsum("bhqk,bhqd->bhkd", weights, d_scaled.astype(v.dtype)))
+    return (jnp.einsum("bhkq,bhkd->bhqd", d_logits, k), jnp.einsum("bhkq,bhqd->bhkd", d_logits, q),
+            jnp.einsum("bhkq,bhqd->bhkd", weights, d_scaled.astype(v.dtype)))
 
 
 softmax_attention.defvjp(_attention_forward, _attention_backward)
