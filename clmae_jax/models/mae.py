@@ -9,15 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clmae_jax.models.vit import Transformer, ViTEncoder, dense_init, sincos_2d
-
-
-def patchify(images, patch_size: int):
-    """[B,H,W,C] -> [B, L, p*p*C], patches row-major, pixels (p, p, C) within a patch as in MAE."""
-    b, h, w, c = images.shape
-    p = patch_size
-    x = images.reshape(b, h // p, p, w // p, p, c)
-    return jnp.einsum("bhpwqc->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+from clmae_jax.models.vit import Transformer, ViTEncoder, dense_init, patchify, sincos_2d
 
 
 def unpatchify(patches, patch_size: int, channels: int):
