@@ -11,7 +11,7 @@ import pytest
 
 from clmae_jax import train_clmae, train_mae
 from clmae_jax.models.clmae import build_mae, init_params, random_masked_loss
-from clmae_jax.models.vit import Attention, einsum_attention, exact_gelu
+from clmae_jax.models.vit import Attention, PatchEmbed, einsum_attention, exact_gelu
 from clmae_jax.runtime import loop, mesh as mesh_lib
 from configs import clmae_fashion_mnist, mae_fashion_mnist
 from conftest import assert_trees_close
@@ -115,6 +115,18 @@ def test_exact_gelu_is_torchs_erf_gelu_with_its_gradient():
     grad = jax.vmap(jax.grad(exact_gelu))(x)
     np.testing.assert_allclose(grad, jax.vmap(jax.grad(lambda t: nn.gelu(t, approximate=False)))(x), atol=1e-6)
     assert exact_gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_patch_embedding_is_the_stride_p_convolution_it_replaced():
+    """PatchEmbed (patchify, then one matmul with the [p, p, C, width] kernel) gives timm's Conv2d(kernel = stride =
+    p) tokens, in the same row-major order, over a 2 x 3 grid of patches."""
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 12, 3))
+    embed = PatchEmbed(patch_size=4, width=5)
+    params = embed.init(jax.random.PRNGKey(1), images)
+    proj = params["params"]["proj"]
+    conv = jax.lax.conv_general_dilated(images, proj["kernel"], (4, 4), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + proj["bias"]
+    np.testing.assert_allclose(embed.apply(params, images), conv.reshape(2, 6, 5), rtol=1e-5, atol=1e-5)
 
 
 def test_xla_attention_equals_einsum_on_long_sequences():
