@@ -7,6 +7,7 @@ tests assert on them.
 """
 import functools
 import json
+import math
 import os
 import re
 import subprocess
@@ -116,12 +117,18 @@ def checkpoint_round_trips() -> dict:
 
 
 def accumulation_batch_dims() -> list:
-    """Per-device batch size of every convolution (the patch embedding) in the compiled MAE step with 4
-    micro-batches of 64 images: 64 / 4 / 8 = 2 when each micro-batch is spread over all 8 devices."""
+    """Per-device batch size of the forward patch embedding (a matmul over 7 x 7 = 49 patches per image) in the
+    compiled MAE step with 4 micro-batches of 64 images: 64 / 4 / 8 = 2 when each micro-batch is spread over all 8
+    devices."""
     experiment = experiment_for("mae", "fsdp8", accum=4)
     compiled = experiment.step_fn.lower(experiment.abstract_state(), global_batch(64)).compile()
-    # The forward patch embedding outputs [batch, 7, 7, width]; weight-gradient convolutions have other shapes.
-    return [int(m) for m in re.findall(r"= f32\[(\d+),7,7,\d+\]\{[^}]*\} convolution\(", compiled.as_text())]
+    dims = []
+    for line in compiled.as_text().splitlines():
+        op = re.search(r'op_name="([^"]*patch_embed/proj/dot_general)"', line)
+        result = re.search(r"= f32\[([\d,]+)\]\{[^}]*\} dot\(", line)
+        if op and result and "transpose(" not in op.group(1):  # The backward pass's are weight / input gradients.
+            dims.append(math.prod(map(int, result.group(1).split(",")[:-1])) // 49)  # [batch (* 49), (49,) width]
+    return dims
 
 
 def main():
