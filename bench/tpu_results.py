@@ -26,19 +26,23 @@ CBM = {"cbm_cvt13_food101": "configs/cbm_cvt13_food101.py", "cbm_resnet18_food10
        "cbm_wrn_52_2_food101": "configs/cbm_wrn_52_2_food101.py", "cbm_vit_cifar100": "configs/cbm_vit_cifar100.py"}
 SLICES = ("v4-128", "v5e-256", "v5p-128", "v6e-256")
 
+
+def scoped_vmem(kib: int) -> dict:
+    """bench_tpu flags for a run with the compiler's scratch memory per fusion set to `kib` KiB."""
+    return {"compiler_options": f"xla_tpu_scoped_vmem_limit_kib={kib}"}
+
+
 # name -> (config file, slice, {config key: value}, bench_tpu flags). CBM runs the paper's batch of 64 on every chip.
 RUNS = {
     **{f"mae_vitb_{s}": ("configs/mae_vitb.py", s, {}, {}) for s in SLICES},
     **{f"mae_vitb_{s}_zero1": ("configs/mae_vitb.py", s, ZERO1, {}) for s in SLICES},
     "mae_vitb_v5e-256_zero1_mu_bf16": ("configs/mae_vitb.py", "v5e-256", {**ZERO1, **MU_BF16}, {}),
-    **{f"mae_vitb_v5e-256_zero1_vmem{kib // 1024}m": ("configs/mae_vitb.py", "v5e-256", ZERO1,
-                                                      {"compiler_options": f"xla_tpu_scoped_vmem_limit_kib={kib}"})
+    **{f"mae_vitb_v5e-256_zero1_vmem{kib // 1024}m": ("configs/mae_vitb.py", "v5e-256", ZERO1, scoped_vmem(kib))
        for kib in (32768, 98304)},
     "mae_vitb_v5e-64_zero1": ("configs/mae_vitb.py", "v5e-64", ZERO1, {}),
     "mae_vitb_v5e-256_zero1_xla_attention": ("configs/mae_vitb.py", "v5e-256", {**ZERO1, "model.attention": "xla"}, {}),
     **{f"mae_vitb_v5e-256_fsdp{n}": ("configs/mae_vitb.py", "v5e-256", {"mesh.fsdp": n}, {}) for n in (4, 16, 32)},
-    "mae_vitb_v5e-256_fsdp32_vmem32m": ("configs/mae_vitb.py", "v5e-256", {"mesh.fsdp": 32},
-                                        {"compiler_options": "xla_tpu_scoped_vmem_limit_kib=32768"}),
+    "mae_vitb_v5e-256_fsdp32_vmem32m": ("configs/mae_vitb.py", "v5e-256", {"mesh.fsdp": 32}, scoped_vmem(32768)),
     "mae_vitb_v4-128_fsdp32": ("configs/mae_vitb.py", "v4-128", {"mesh.fsdp": 32}, {}),
     "mae_vitb_v4-128_remat": ("configs/mae_vitb.py", "v4-128", {"model.remat": True}, {}),
     "mae_vitl_v3-128": ("configs/mae_vitb.py", "v3-128", LARGE, {}),
